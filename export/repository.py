@@ -1,0 +1,90 @@
+"""Write a servable Triton model repository: config.pbtxt per model (generated from the contract),
+the adapters from model_repository/, and pipeline.json for the orchestrator."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from triffusion import contract
+from triffusion.contract import TensorSpec
+
+ADAPTERS = Path(__file__).resolve().parents[1] / "model_repository"
+
+TRITON_TYPES = {"FP32": "TYPE_FP32", "FP16": "TYPE_FP16", "INT64": "TYPE_INT64", "INT32": "TYPE_INT32",
+                "UINT8": "TYPE_UINT8", "BOOL": "TYPE_BOOL", "BYTES": "TYPE_STRING"}
+
+
+def _tensors(kind: str, specs, optional: set[str] = frozenset()) -> str:
+    rows = []
+    for spec in specs:
+        opt = " optional: true" if spec.name in optional else ""
+        dims = ", ".join(str(d) for d in spec.dims)
+        rows.append(f'  {{ name: "{spec.name}" data_type: {TRITON_TYPES[spec.dtype]} dims: [ {dims} ]{opt} }}')
+    return f"{kind} [\n" + ",\n".join(rows) + "\n]\n"
+
+
+def _parameters(params: dict) -> str:
+    return "".join(f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}\n' for k, v in params.items())
+
+
+def _instances(count: int, kind: str = "KIND_CPU") -> str:
+    return f"instance_group [ {{ count: {count} kind: {kind} }} ]\n"
+
+
+def component_config(name: str, io, params: dict, instance_kind: str = "KIND_CPU") -> str:
+    """A component served by the python backend through a triffusion runtime (onnxruntime, ...)."""
+    inputs, outputs = io
+    return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
+            + _tensors("input", inputs) + _tensors("output", outputs)
+            + _instances(1, instance_kind) + _parameters(params))
+
+
+def orchestrator_config(params: dict) -> str:
+    optional = {s.name for s in contract.REQUEST_INPUTS if s.name != "prompt"}
+    return (f'name: "{contract.ORCHESTRATOR}"\nbackend: "python"\nmax_batch_size: 0\n'
+            "model_transaction_policy { decoupled: true }\n"
+            + _tensors("input", contract.REQUEST_INPUTS, optional)
+            + _tensors("output", contract.RESPONSE_OUTPUTS) + _instances(1) + _parameters(params))
+
+
+def text_to_image_config(instances: int) -> str:
+    optional = {s.name for s in contract.REQUEST_INPUTS if s.name != "prompt"}
+    outputs = [s for s in contract.RESPONSE_OUTPUTS if s.name != "progress"]
+    # One blocking BLS call per instance: instances bound how many unary requests are in flight.
+    return (f'name: "{contract.TEXT_TO_IMAGE}"\nbackend: "python"\nmax_batch_size: 0\n'
+            + _tensors("input", contract.REQUEST_INPUTS, optional) + _tensors("output", outputs)
+            + _instances(instances))
+
+
+def default_limits(pipeline: dict) -> dict:
+    limits = {"size_multiple": pipeline["vae_scale_factor"] * pipeline.get("latent_multiple", 1)}
+    limits.update(pipeline.get("limits", {}))
+    return limits
+
+
+def _copy_adapter(kind: str, model_dir: Path) -> None:
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ADAPTERS / kind / "1" / "model.py", model_dir / "1" / "model.py")
+
+
+def write_repository(out_dir: Path, pipeline: dict, *, runtime: str = "onnxruntime", device: str = "cpu",
+                     orchestrator: dict | None = None, unary_instances: int = 4) -> Path:
+    """Write configs and adapters around the artifacts already in `out_dir` (ONNX files, tokenizer)."""
+    out_dir = Path(out_dir)
+    for name, io in contract.COMPONENT_IO.items():
+        artifact = Path(pipeline["artifacts"][name]).name
+        (out_dir / name).mkdir(parents=True, exist_ok=True)
+        (out_dir / name / "config.pbtxt").write_text(
+            component_config(name, io, {"runtime": runtime, "artifact": artifact, "device": device}))
+        _copy_adapter("component", out_dir / name)
+    orch_dir = out_dir / contract.ORCHESTRATOR
+    _copy_adapter(contract.ORCHESTRATOR, orch_dir)
+    (orch_dir / "config.pbtxt").write_text(orchestrator_config(
+        {"max_active": 8, "max_queue": 64, "max_batch": 16, **(orchestrator or {})}))
+    served = {**pipeline, "limits": default_limits(pipeline)}
+    (orch_dir / "1" / "pipeline.json").write_text(json.dumps(served, indent=2, sort_keys=True, default=str))
+    _copy_adapter(contract.TEXT_TO_IMAGE, out_dir / contract.TEXT_TO_IMAGE)
+    (out_dir / contract.TEXT_TO_IMAGE / "config.pbtxt").write_text(text_to_image_config(unary_instances))
+    return out_dir

@@ -1,0 +1,98 @@
+"""Triton adapter for the orchestrator (decoupled): requests in, the engine in between, streamed
+progress and the final image out. Policy lives in triffusion.orchestrator."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from triffusion.bls import TritonExecutor
+from triffusion.orchestrator.engine import Engine, PipelineSpec
+from triffusion.orchestrator.params import InvalidRequest, Limits, parse_params
+from triffusion.orchestrator.request import RequestState, Status
+from triffusion.orchestrator.scheduler import QueueFull, StepScheduler
+from triffusion.orchestrator.text import PromptTokenizer
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+CODES = {Status.CANCELLED: "CANCELLED", Status.REJECTED: "UNAVAILABLE", Status.FAILED: "INTERNAL"}
+
+
+def _error(code: str, message: str):
+    # The code leads the message too: BLS callers (the text_to_image proxy) only receive INTERNAL.
+    # TritonError exists only once the stub runs (not during config auto-complete): look it up late.
+    return pb_utils.TritonError(f"{code}: {message}", getattr(pb_utils.TritonError, code))
+
+
+class ResponseSink:
+    """Sends one request's progress, image or error through its response sender."""
+
+    def __init__(self, request):
+        self.request, self.sender = request, request.get_response_sender()
+
+    def progress(self, step, steps):
+        self.sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("progress", np.array([step, steps], np.int32))]))
+
+    def finish(self, image, metadata):
+        self.sender.send(pb_utils.InferenceResponse([
+            pb_utils.Tensor("image", np.ascontiguousarray(image)),
+            pb_utils.Tensor("metadata", np.array([json.dumps(metadata).encode()], dtype=np.object_))]), flags=FINAL)
+
+    def fail(self, status, message):
+        self.send_error(CODES[status], message)
+
+    def send_error(self, code, message):
+        self.sender.send(pb_utils.InferenceResponse(error=_error(code, message)), flags=FINAL)
+
+    def is_cancelled(self):
+        return self.request.is_cancelled()
+
+
+def _scalar(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    value = tensor.as_numpy().reshape(-1)[0]
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value.item()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.input_names = [i["name"] for i in config["input"]]
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        pipeline = json.loads((version_dir / "pipeline.json").read_text())
+        self.limits = Limits.from_dict(pipeline.get("limits", {}))
+        self.tokenizer = PromptTokenizer(version_dir / "tokenizer")
+        spec = PipelineSpec(model=pipeline["model"], scheduler_config=pipeline["scheduler_config"],
+                            latent_channels=pipeline["latent_channels"], vae_scale_factor=pipeline["vae_scale_factor"],
+                            vae_scaling_factor=pipeline["vae_scaling_factor"])
+        scheduler = StepScheduler(max_active=int(params.get("max_active", "8")),
+                                  max_queue=int(params.get("max_queue", "64")),
+                                  max_batch=int(params.get("max_batch", "16")))
+        self.engine = Engine(TritonExecutor(), spec, scheduler)
+        self.engine.start()
+        self.counter = 0
+
+    def execute(self, requests):
+        for request in requests:
+            sink = ResponseSink(request)
+            try:
+                raw = {name: _scalar(request, name) for name in self.input_names}
+                params = parse_params({k: v for k, v in raw.items() if v is not None}, self.limits, self.tokenizer.count)
+                self.counter += 1
+                state = RequestState(request_id=request.request_id() or f"req-{self.counter}", params=params, sink=sink,
+                                     input_ids=self.tokenizer.input_ids(params.prompt, params.negative_prompt,
+                                                                        params.uses_cfg))
+                self.engine.submit(state)
+            except InvalidRequest as exc:
+                sink.send_error("INVALID_ARG", str(exc))
+            except QueueFull as exc:
+                sink.fail(Status.REJECTED, str(exc))
+        return None
+
+    def finalize(self):
+        self.engine.stop()

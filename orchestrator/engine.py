@@ -1,0 +1,185 @@
+"""The engine loop: scheduler.schedule() -> executor calls -> state updates, on one thread.
+
+New requests join at step boundaries, finished ones leave, and nobody waits for a whole batch."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .executor import Executor
+from .request import RequestState, Status
+from .sampling import Sampler, to_uint8_image
+from .scheduler import Plan, StepScheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """What the engine needs to know about the served pipeline (from pipeline.json)."""
+
+    model: str
+    scheduler_config: dict
+    latent_channels: int = 4
+    vae_scale_factor: int = 8
+    vae_scaling_factor: float = 0.18215
+
+
+class Engine:
+    def __init__(self, executor: Executor, spec: PipelineSpec, scheduler: StepScheduler | None = None,
+                 clock=time.monotonic):
+        self.executor, self.spec, self.clock = executor, spec, clock
+        self.scheduler = scheduler or StepScheduler()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ---- intake (any thread) -------------------------------------------------------------
+    def submit(self, state: RequestState) -> None:
+        """Queue a request; raises QueueFull when the bounded queue is at capacity."""
+        with self._cv:
+            state.enter(Status.QUEUED, self.clock())
+            self.scheduler.add(state)
+            self._cv.notify()
+
+    def wake(self) -> None:
+        """Re-check cancellations now (e.g. a client went away while the engine idles)."""
+        with self._cv:
+            self._cv.notify()
+
+    # ---- loop ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="triffusion-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread:
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self.scheduler.has_work and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                plan = self.scheduler.schedule()
+            self.execute(plan)
+        for state in list(self.scheduler.waiting) + list(self.scheduler.running):
+            self._fail(state, Status.FAILED, "server is shutting down")
+
+    def step(self) -> bool:
+        """One iteration on the caller's thread (tests drive the engine this way)."""
+        with self._cv:
+            plan = self.scheduler.schedule()
+        self.execute(plan)
+        return not plan.empty
+
+    def execute(self, plan: Plan) -> None:
+        for state in plan.cancelled:
+            self._fail(state, Status.CANCELLED, "cancelled by the client")
+        self._guarded(plan.encode, self._encode)
+        for batch in plan.denoise:
+            self._guarded(batch, self._denoise)
+        self._guarded(plan.decode, self._decode)
+
+    def _guarded(self, states: list[RequestState], stage) -> None:
+        """A failing model call fails the requests it carried; the engine keeps serving."""
+        if not states:
+            return
+        try:
+            stage(states)
+        except Exception as exc:  # noqa: BLE001 - reported to the client, logged here
+            log.exception("%s failed", stage.__name__)
+            for state in states:
+                self._fail(state, Status.FAILED, f"{stage.__name__.strip('_')} failed: {exc}")
+
+    # ---- stages ----------------------------------------------------------------------------
+    def _encode(self, states: list[RequestState]) -> None:
+        now = self.clock()
+        for state in states:
+            state.enter(Status.ENCODING, now)
+        embeddings = self.executor.encode(np.concatenate([s.input_ids for s in states]))
+        offset = 0
+        h_w = lambda s: (s.params.height // self.spec.vae_scale_factor, s.params.width // self.spec.vae_scale_factor)
+        for state in states:
+            rows = state.input_ids.shape[0]
+            state.text_embeddings = torch.from_numpy(embeddings[offset:offset + rows].copy())
+            offset += rows
+            state.sampler = Sampler(state.params, self.spec.scheduler_config,
+                                    (self.spec.latent_channels, *h_w(state)))
+            state.steps_target = state.sampler.total
+            state.enter(Status.DENOISING, self.clock())
+
+    def _denoise(self, states: list[RequestState]) -> None:
+        inputs = [s.sampler.model_input(s.steps_done) for s in states]
+        sample = torch.cat([x for x, _ in inputs]).numpy()
+        timestep = torch.cat([t for _, t in inputs]).numpy()
+        embeddings = torch.cat([s.text_embeddings for s in states]).numpy()
+        noise = torch.from_numpy(self.executor.denoise(states[0].model, sample, timestep, embeddings))
+        offset = 0
+        for state in states:
+            rows = state.unet_rows
+            state.sampler.step(state.steps_done, noise[offset:offset + rows])
+            offset += rows
+            state.steps_done += 1
+            if state.params.stream:
+                state.sink.progress(state.steps_done, state.steps_target)
+
+    def _decode(self, states: list[RequestState]) -> None:
+        now = self.clock()
+        for state in states:
+            state.enter(Status.DECODING, now)
+        # One VAE call per resolution: a batch must share a shape.
+        by_size: dict[tuple[int, int], list[RequestState]] = {}
+        for state in states:
+            by_size.setdefault((state.params.height, state.params.width), []).append(state)
+        for group in by_size.values():
+            latents = torch.cat([s.sampler.latents for s in group]) / self.spec.vae_scaling_factor
+            images = torch.from_numpy(self.executor.decode(latents.numpy()))
+            for state, image in zip(group, images):
+                state.enter(Status.FINISHED, self.clock())
+                self.scheduler.release(state)
+                state.sink.finish(to_uint8_image(image).numpy(), self.metadata(state))
+
+    def _fail(self, state: RequestState, status: Status, message: str) -> None:
+        state.error = message
+        state.enter(status, self.clock())
+        with self._cv:
+            self.scheduler.release(state)
+            if state in self.scheduler.waiting:
+                self.scheduler.waiting.remove(state)
+        state.sink.fail(status, message)
+
+    def metadata(self, state: RequestState) -> dict:
+        t = state.times
+        ms = lambda a, b: round((t[b] - t[a]) * 1000.0, 3) if a in t and b in t else None
+        p = state.params
+        return {
+            "request_id": state.request_id,
+            "model": self.spec.model,
+            "unet": state.model,
+            "seed": p.seed,
+            "steps": p.steps,
+            "steps_done": state.steps_done,
+            "scheduler": p.scheduler,
+            "guidance_scale": p.guidance_scale,
+            "height": p.height,
+            "width": p.width,
+            "timings_ms": {
+                "queue": ms("queued", "encoding"),
+                "encode": ms("encoding", "denoising"),
+                "denoise": ms("denoising", "decoding"),
+                "decode": ms("decoding", "finished"),
+                "total": ms("queued", "finished"),
+            },
+        }

@@ -1,0 +1,37 @@
+"""What runs the models: the engine hands an executor whole batches and never knows whether they go
+over BLS to Triton models or straight to a runtime in this process."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class Executor(Protocol):
+    def encode(self, input_ids: np.ndarray) -> np.ndarray:
+        """(N, 77) int64 -> (N, 77, D) float32 text embeddings."""
+
+    def denoise(self, model: str, sample: np.ndarray, timestep: np.ndarray,
+                text_embeddings: np.ndarray) -> np.ndarray:
+        """One UNet evaluation for a batch of rows that may come from different requests and steps."""
+
+    def decode(self, latent: np.ndarray) -> np.ndarray:
+        """(N, 4, h, w) scaled latents -> (N, 3, 8h, 8w) images in [-1, 1]."""
+
+
+class RuntimeExecutor:
+    """Runs the exported components in this process (tests, benchmarks, the in-process baseline)."""
+
+    def __init__(self, text_encoder, unets: dict, vae_decoder):
+        self.text_encoder, self.unets, self.vae_decoder = text_encoder, unets, vae_decoder
+
+    def encode(self, input_ids):
+        return self.text_encoder.run({"input_ids": input_ids})["text_embeddings"]
+
+    def denoise(self, model, sample, timestep, text_embeddings):
+        return self.unets[model].run({"sample": sample, "timestep": timestep,
+                                      "encoder_hidden_states": text_embeddings})["noise_pred"]
+
+    def decode(self, latent):
+        return self.vae_decoder.run({"latent": latent})["image"]

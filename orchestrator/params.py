@@ -1,0 +1,120 @@
+"""Request parameters, their limits, and validation. Every error names the field and the allowed range."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+
+class InvalidRequest(ValueError):
+    """A request field is out of range; maps to INVALID_ARG."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "pndm", "unipc", "heun")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the served pipeline accepts; written by the export into pipeline.json."""
+
+    min_size: int = 64
+    max_size: int = 512
+    size_multiple: int = 16
+    default_height: int = 64
+    default_width: int = 64
+    min_steps: int = 1
+    max_steps: int = 100
+    default_steps: int = 20
+    min_guidance: float = 0.0
+    max_guidance: float = 20.0
+    default_guidance: float = 7.5
+    max_prompt_tokens: int = 75  # CLIP's 77 minus start and end tokens
+    default_scheduler: str = "euler"
+    max_seed: int = 2**63 - 1
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Limits":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown limits keys: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationParams:
+    prompt: str
+    negative_prompt: str = ""
+    height: int = 64
+    width: int = 64
+    steps: int = 20
+    guidance_scale: float = 7.5
+    seed: int = 0
+    scheduler: str = "euler"
+    stream: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Classifier-free guidance needs the unconditional branch only when the scale exceeds 1."""
+        return self.guidance_scale > 1.0
+
+
+def _in_range(name: str, value, low, high):
+    if not low <= value <= high:
+        raise InvalidRequest(name, f"{value} is out of range; allowed {low}..{high}")
+
+
+def parse_params(raw: Mapping[str, Any], limits: Limits, count_tokens) -> GenerationParams:
+    """Build validated parameters from decoded request inputs (python scalars / str).
+
+    `count_tokens(text) -> int` counts prompt tokens without start/end tokens.
+    """
+    # 1. Prompt: present, non-empty, within the text encoder's context.
+    prompt = raw.get("prompt")
+    if prompt is None:
+        raise InvalidRequest("prompt", "is required")
+    if not str(prompt).strip():
+        raise InvalidRequest("prompt", f"is empty; allowed 1..{limits.max_prompt_tokens} tokens")
+    negative = raw.get("negative_prompt") or ""
+    for name, text in (("prompt", prompt), ("negative_prompt", negative)):
+        tokens = count_tokens(text) if text else 0
+        if tokens > limits.max_prompt_tokens:
+            raise InvalidRequest(name, f"is {tokens} tokens long; allowed 1..{limits.max_prompt_tokens} tokens")
+
+    # 2. Resolution: within range and a multiple of what the UNet and VAE accept.
+    size = {}
+    for name, default in (("height", limits.default_height), ("width", limits.default_width)):
+        value = int(raw.get(name, default))
+        if value % limits.size_multiple or not limits.min_size <= value <= limits.max_size:
+            raise InvalidRequest(name, f"{value} is not allowed; allowed multiples of {limits.size_multiple} "
+                                       f"in {limits.min_size}..{limits.max_size}")
+        size[name] = value
+
+    # 3. Sampling controls.
+    steps = int(raw.get("steps", limits.default_steps))
+    _in_range("steps", steps, limits.min_steps, limits.max_steps)
+    guidance = float(raw.get("guidance_scale", limits.default_guidance))
+    if guidance != guidance:  # NaN
+        raise InvalidRequest("guidance_scale", f"is NaN; allowed {limits.min_guidance}..{limits.max_guidance}")
+    _in_range("guidance_scale", guidance, limits.min_guidance, limits.max_guidance)
+    scheduler = str(raw.get("scheduler") or limits.default_scheduler)
+    if scheduler not in SCHEDULERS:
+        raise InvalidRequest("scheduler", f"'{scheduler}' is unknown; allowed: {', '.join(SCHEDULERS)}")
+    seed = raw.get("seed")
+    seed = secrets.randbelow(2**31) if seed is None else int(seed)
+    _in_range("seed", seed, 0, limits.max_seed)
+
+    known = {"prompt", "negative_prompt", "height", "width", "steps", "guidance_scale", "seed", "scheduler", "stream"}
+    return GenerationParams(prompt=str(prompt), negative_prompt=str(negative), steps=steps,
+                            guidance_scale=guidance, seed=seed, scheduler=scheduler,
+                            stream=bool(raw.get("stream", False)),
+                            extra={k: v for k, v in raw.items() if k not in known}, **size)

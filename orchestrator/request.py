@@ -1,0 +1,65 @@
+"""Request state: one class with a status enum and progress counters (steps_done catches up to
+steps_target), plus the sink through which results leave the engine."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .params import GenerationParams
+
+
+class Status(enum.Enum):
+    QUEUED = "queued"
+    ENCODING = "encoding"
+    DENOISING = "denoising"
+    DECODING = "decoding"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"
+
+    @property
+    def done(self) -> bool:
+        return self in (Status.FINISHED, Status.FAILED, Status.CANCELLED, Status.REJECTED)
+
+
+class Sink(Protocol):
+    """Where one request's progress and result go (a Triton response sender in production)."""
+
+    def progress(self, step: int, steps: int) -> None: ...
+    def finish(self, image, metadata: dict) -> None: ...
+    def fail(self, status: Status, message: str) -> None: ...
+    def is_cancelled(self) -> bool: ...
+
+
+@dataclass(eq=False)
+class RequestState:
+    request_id: str
+    params: GenerationParams
+    sink: Sink
+    input_ids: Any  # (2, 77) int64 with CFG (negative first), else (1, 77)
+    status: Status = Status.QUEUED
+    model: str = "unet"
+    steps_done: int = 0
+    steps_target: int = 0  # scheduler evaluations; set when the sampler is built
+    times: dict[str, float] = field(default_factory=dict)  # stage -> clock time it was entered
+    # Set by the engine once encoded: per-request sampler and tensors.
+    sampler: Any = None
+    latents: Any = None
+    text_embeddings: Any = None
+    error: str | None = None
+
+    @property
+    def bucket(self) -> tuple[str, int, int]:
+        """Requests in the same bucket can share one UNet call."""
+        return (self.model, self.params.height, self.params.width)
+
+    @property
+    def unet_rows(self) -> int:
+        return 2 if self.params.uses_cfg else 1
+
+    def enter(self, status: Status, now: float) -> None:
+        self.status = status
+        self.times[status.value] = now

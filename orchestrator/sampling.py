@@ -1,0 +1,60 @@
+"""Denoising math for one request: its own diffusers scheduler (they are stateful), seeded initial
+latents, classifier-free guidance, and the latent-to-image conversion."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, HeunDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
+
+from .params import GenerationParams
+
+SCHEDULER_CLASSES = {
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+    "pndm": PNDMScheduler,
+    "unipc": UniPCMultistepScheduler,
+    "heun": HeunDiscreteScheduler,
+}
+
+
+class Sampler:
+    """One request's sampling state; `step` advances it by one UNet evaluation."""
+
+    def __init__(self, params: GenerationParams, scheduler_config: dict, latent_shape: tuple[int, int, int]):
+        overrides = {"skip_prk_steps": True} if params.scheduler == "pndm" else {}
+        self.scheduler = SCHEDULER_CLASSES[params.scheduler].from_config(scheduler_config, **overrides)
+        self.scheduler.set_timesteps(params.steps)
+        self.timesteps = self.scheduler.timesteps
+        self.guidance_scale = params.guidance_scale
+        self.cfg = params.uses_cfg
+        # CPU generator: the same seed gives the same image on any device.
+        self.generator = torch.Generator().manual_seed(params.seed)
+        latents = torch.randn((1, *latent_shape), generator=self.generator, dtype=torch.float32)
+        self.latents = latents * self.scheduler.init_noise_sigma
+
+    @property
+    def total(self) -> int:
+        return len(self.timesteps)
+
+    def model_input(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """UNet rows (uncond and cond with CFG) and their timesteps for evaluation `index`."""
+        t = self.timesteps[index]
+        sample = self.scheduler.scale_model_input(self.latents, t)
+        rows = 2 if self.cfg else 1
+        return sample.repeat(rows, 1, 1, 1), t.float().repeat(rows)
+
+    def step(self, index: int, noise_pred: torch.Tensor) -> None:
+        if self.cfg:
+            uncond, cond = noise_pred.chunk(2)
+            noise_pred = uncond + self.guidance_scale * (cond - uncond)
+        t = self.timesteps[index]
+        self.latents = self.scheduler.step(noise_pred, t, self.latents, generator=self.generator).prev_sample
+
+
+def to_uint8_image(decoded: torch.Tensor) -> "torch.Tensor":
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
+    image = (decoded / 2 + 0.5).clamp(0, 1)
+    return (image.permute(1, 2, 0) * 255).round().to(torch.uint8)

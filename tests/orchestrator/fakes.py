@@ -1,0 +1,70 @@
+"""Test doubles for the orchestrator core: an executor with deterministic arithmetic and a sink that records."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from triffusion.orchestrator.params import GenerationParams
+from triffusion.orchestrator.request import RequestState
+
+SCHEDULER_CONFIG = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+                    "steps_offset": 1, "timestep_spacing": "leading"}
+
+
+class FakeExecutor:
+    """Records every call; the UNet's output depends only on each row's own input."""
+
+    def __init__(self, fail_denoise: bool = False):
+        self.calls: list[tuple[str, int]] = []
+        self.fail_denoise = fail_denoise
+
+    def encode(self, input_ids):
+        self.calls.append(("encode", len(input_ids)))
+        return np.repeat((input_ids[:, :, None] % 7).astype(np.float32), 4, axis=2)
+
+    def denoise(self, model, sample, timestep, text_embeddings):
+        self.calls.append(("denoise", len(sample)))
+        if self.fail_denoise:
+            raise RuntimeError("unet exploded")
+        return 0.1 * sample + 1e-4 * timestep[:, None, None, None] + text_embeddings.mean(axis=(1, 2))[:, None, None, None]
+
+    def decode(self, latent):
+        self.calls.append(("decode", len(latent)))
+        n, _, h, w = latent.shape
+        return np.tanh(np.repeat(np.repeat(latent[:, :3], 8, axis=2), 8, axis=3))
+
+
+class RecordingSink:
+    def __init__(self, cancel_after_steps: int | None = None):
+        self.events: list[tuple] = []
+        self.cancel_after_steps = cancel_after_steps
+        self.steps_seen = 0
+
+    def progress(self, step, steps):
+        self.steps_seen = step
+        self.events.append(("progress", step, steps))
+
+    def finish(self, image, metadata):
+        self.events.append(("finish", image, metadata))
+
+    def fail(self, status, message):
+        self.events.append(("fail", status, message))
+
+    def is_cancelled(self):
+        return self.cancel_after_steps is not None and self.steps_seen >= self.cancel_after_steps
+
+    @property
+    def outcome(self):
+        return self.events[-1][0] if self.events else None
+
+
+def make_state(i: int, *, size: int = 64, steps: int = 4, guidance: float = 7.5, stream: bool = True,
+               sink: RecordingSink | None = None, seed: int | None = None) -> RequestState:
+    params = GenerationParams(prompt=f"prompt {i}", height=size, width=size, steps=steps,
+                              guidance_scale=guidance, seed=i if seed is None else seed, stream=stream)
+    rows = 2 if params.uses_cfg else 1
+    ids = np.full((rows, 77), 49407, np.int64)
+    ids[:, 0] = 49406
+    ids[-1, 1] = 100 + i
+    return RequestState(request_id=f"r{i}", params=params, sink=sink or RecordingSink(), input_ids=ids)

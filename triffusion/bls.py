@@ -1,0 +1,53 @@
+"""Every BLS call goes through `infer`: it checks the response it got, names the callee in errors,
+and hands tensors over without copies where it can (DLPack for torch tensors)."""
+
+from __future__ import annotations
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from triffusion import contract
+
+
+class ComponentError(RuntimeError):
+    pass
+
+
+def _tensor(name: str, value) -> "pb_utils.Tensor":
+    if isinstance(value, np.ndarray):
+        return pb_utils.Tensor(name, np.ascontiguousarray(value))
+    from torch.utils.dlpack import to_dlpack  # torch tensor, CPU or GPU
+
+    return pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
+
+
+def infer(model: str, inputs: dict, outputs: list[str]) -> dict[str, np.ndarray]:
+    request = pb_utils.InferenceRequest(model_name=model, inputs=[_tensor(k, v) for k, v in inputs.items()],
+                                        requested_output_names=outputs)
+    response = request.exec()
+    if response.has_error():
+        raise ComponentError(f"{model}: {response.error().message()}")
+    result = {}
+    for name in outputs:
+        tensor = pb_utils.get_output_tensor_by_name(response, name)
+        if tensor is None:
+            raise ComponentError(f"{model}: response has no output '{name}'")
+        result[name] = tensor.as_numpy() if tensor.is_cpu() else tensor  # GPU tensors stay on the GPU
+    return result
+
+
+class TritonExecutor:
+    """Executor over BLS: the component models are separate Triton models."""
+
+    def __init__(self, text_encoder: str = contract.TEXT_ENCODER, vae_decoder: str = contract.VAE_DECODER):
+        self.text_encoder, self.vae_decoder = text_encoder, vae_decoder
+
+    def encode(self, input_ids):
+        return infer(self.text_encoder, {"input_ids": input_ids}, ["text_embeddings"])["text_embeddings"]
+
+    def denoise(self, model, sample, timestep, text_embeddings):
+        return infer(model, {"sample": sample, "timestep": timestep, "encoder_hidden_states": text_embeddings},
+                     ["noise_pred"])["noise_pred"]
+
+    def decode(self, latent):
+        return infer(self.vae_decoder, {"latent": latent}, ["image"])["image"]

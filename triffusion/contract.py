@@ -1,0 +1,67 @@
+"""Names shared by export, model repository, orchestrator and client: one name per concept.
+
+Component models (text encoder, UNet, VAE decoder) take and return these tensors; the orchestrator
+and the client use the request/response names below. Change a name here and everywhere follows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TEXT_MAX_LENGTH = 77  # CLIP context length
+
+# Component model names in the Triton repository (per-variant UNets add a suffix, e.g. unet_sd15).
+TEXT_ENCODER = "text_encoder"
+UNET = "unet"
+VAE_DECODER = "vae_decoder"
+ORCHESTRATOR = "orchestrator"  # decoupled: gRPC streaming, progress, cancellation
+TEXT_TO_IMAGE = "text_to_image"  # unary proxy of the orchestrator: HTTP and plain gRPC infer
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # Triton datatype: FP32, INT64, ...
+    dims: tuple[int, ...]  # -1 = dynamic; batch included (max_batch_size 0)
+
+
+# Component I/O. Batch is the first dim; the UNet takes one timestep per sample so that requests at
+# different steps share one UNet call (step-level batching).
+TEXT_ENCODER_IO = (
+    (TensorSpec("input_ids", "INT64", (-1, TEXT_MAX_LENGTH)),),
+    (TensorSpec("text_embeddings", "FP32", (-1, TEXT_MAX_LENGTH, -1)),),
+)
+UNET_IO = (
+    (
+        TensorSpec("sample", "FP32", (-1, -1, -1, -1)),
+        TensorSpec("timestep", "FP32", (-1,)),
+        TensorSpec("encoder_hidden_states", "FP32", (-1, TEXT_MAX_LENGTH, -1)),
+    ),
+    (TensorSpec("noise_pred", "FP32", (-1, -1, -1, -1)),),
+)
+# VAE decoder input is already divided by the VAE scaling factor; output is in [-1, 1].
+VAE_DECODER_IO = (
+    (TensorSpec("latent", "FP32", (-1, -1, -1, -1)),),
+    (TensorSpec("image", "FP32", (-1, 3, -1, -1)),),
+)
+COMPONENT_IO = {TEXT_ENCODER: TEXT_ENCODER_IO, UNET: UNET_IO, VAE_DECODER: VAE_DECODER_IO}
+
+# Orchestrator request inputs: every one has shape [1]; only prompt is required.
+REQUEST_INPUTS = (
+    TensorSpec("prompt", "BYTES", (1,)),
+    TensorSpec("negative_prompt", "BYTES", (1,)),
+    TensorSpec("height", "INT32", (1,)),
+    TensorSpec("width", "INT32", (1,)),
+    TensorSpec("steps", "INT32", (1,)),
+    TensorSpec("guidance_scale", "FP32", (1,)),
+    TensorSpec("seed", "INT64", (1,)),
+    TensorSpec("scheduler", "BYTES", (1,)),
+    TensorSpec("stream", "BOOL", (1,)),  # send one progress response per denoising step
+)
+# Final response: image (H, W, 3) uint8 and metadata JSON. Progress responses carry only
+# progress = [step, steps] (1-based step).
+RESPONSE_OUTPUTS = (
+    TensorSpec("image", "UINT8", (-1, -1, 3)),
+    TensorSpec("metadata", "BYTES", (1,)),
+    TensorSpec("progress", "INT32", (2,)),
+)
