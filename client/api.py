@@ -75,9 +75,15 @@ def _result(response) -> GenerationResult:
                             metadata=json.loads(response.as_numpy("metadata")[0]))
 
 
+# Server messages lead with Triton's code; streamed errors reach the client without a status.
+STREAM_STATUS = {"INVALID_ARG": "StatusCode.INVALID_ARGUMENT", "UNAVAILABLE": "StatusCode.UNAVAILABLE",
+                 "CANCELLED": "StatusCode.CANCELLED", "INTERNAL": "StatusCode.INTERNAL"}
+
+
 def _error(exc, url: str) -> GenerationError:
     status = str(exc.status()) if hasattr(exc, "status") and exc.status() is not None else None
     message = exc.message() if hasattr(exc, "message") else str(exc)
+    status = status or STREAM_STATUS.get(message.partition(": ")[0])
     if status in ("StatusCode.UNAVAILABLE", None) and ("connect" in message.lower() or "refused" in message.lower()):
         return GenerationError(f"cannot reach the server at {url}: {message}", status)
     return GenerationError(message, status)

@@ -82,7 +82,7 @@ def write_repository(out_dir: Path, pipeline: dict, *, runtime: str = "onnxrunti
     orch_dir = out_dir / contract.ORCHESTRATOR
     _copy_adapter(contract.ORCHESTRATOR, orch_dir)
     (orch_dir / "config.pbtxt").write_text(orchestrator_config(
-        {"max_active": 8, "max_queue": 64, "max_batch": 16, **(orchestrator or {})}))
+        {"max_active": 8, "max_queue": 64, "max_batch": 16, "policy": "edf", **(orchestrator or {})}))
     served = {**pipeline, "limits": default_limits(pipeline)}
     (orch_dir / "1" / "pipeline.json").write_text(json.dumps(served, indent=2, sort_keys=True, default=str))
     _copy_adapter(contract.TEXT_TO_IMAGE, out_dir / contract.TEXT_TO_IMAGE)

@@ -31,21 +31,39 @@ class PipelineSpec:
     vae_scaling_factor: float = 0.18215
 
 
+class Observer:
+    """Hooks for metrics; the Triton adapter exports them on /metrics. Defaults do nothing."""
+
+    def request_done(self, state: RequestState) -> None: ...
+    def unet_call(self, bucket: tuple, rows: int, seconds: float) -> None: ...
+    def stage(self, stage: str, seconds: float) -> None: ...
+    def queue_depth(self, depth: int) -> None: ...
+
+
 class Engine:
     def __init__(self, executor: Executor, spec: PipelineSpec, scheduler: StepScheduler | None = None,
-                 clock=time.monotonic):
+                 clock=time.monotonic, observer: Observer | None = None):
         self.executor, self.spec, self.clock = executor, spec, clock
         self.scheduler = scheduler or StepScheduler()
+        self.predictor = self.scheduler.predictor
+        self.observer = observer or Observer()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
 
     # ---- intake (any thread) -------------------------------------------------------------
     def submit(self, state: RequestState) -> None:
-        """Queue a request; raises QueueFull when the bounded queue is at capacity."""
+        """Queue a request; raises QueueFull (bounded queue) or Rejected (SLO infeasible) at once."""
         with self._cv:
-            state.enter(Status.QUEUED, self.clock())
-            self.scheduler.add(state)
+            now = self.clock()
+            try:
+                self.scheduler.add(state, now)
+            except Exception:
+                state.enter(Status.REJECTED, now)
+                self.observer.request_done(state)
+                raise
+            state.enter(Status.QUEUED, now)
+            self.observer.queue_depth(self.scheduler.queue_depth)
             self._cv.notify()
 
     def wake(self) -> None:
@@ -72,7 +90,8 @@ class Engine:
                     self._cv.wait()
                 if self._stopping:
                     break
-                plan = self.scheduler.schedule()
+                plan = self.scheduler.schedule(self.clock())
+                self.observer.queue_depth(self.scheduler.queue_depth)
             self.execute(plan)
         for state in list(self.scheduler.waiting) + list(self.scheduler.running):
             self._fail(state, Status.FAILED, "server is shutting down")
@@ -80,7 +99,7 @@ class Engine:
     def step(self) -> bool:
         """One iteration on the caller's thread (tests drive the engine this way)."""
         with self._cv:
-            plan = self.scheduler.schedule()
+            plan = self.scheduler.schedule(self.clock())
         self.execute(plan)
         return not plan.empty
 
@@ -108,7 +127,11 @@ class Engine:
         now = self.clock()
         for state in states:
             state.enter(Status.ENCODING, now)
-        embeddings = self.executor.encode(np.concatenate([s.input_ids for s in states]))
+        input_ids = np.concatenate([s.input_ids for s in states])
+        embeddings = self.executor.encode(input_ids)
+        elapsed = self.clock() - now
+        self.predictor.observe_stage("encode", len(input_ids), elapsed)
+        self.observer.stage("encode", elapsed)
         offset = 0
         h_w = lambda s: (s.params.height // self.spec.vae_scale_factor, s.params.width // self.spec.vae_scale_factor)
         for state in states:
@@ -125,7 +148,12 @@ class Engine:
         sample = torch.cat([x for x, _ in inputs]).numpy()
         timestep = torch.cat([t for _, t in inputs]).numpy()
         embeddings = torch.cat([s.text_embeddings for s in states]).numpy()
+        start = self.clock()
         noise = torch.from_numpy(self.executor.denoise(states[0].model, sample, timestep, embeddings))
+        elapsed = self.clock() - start
+        model, h, w = states[0].bucket
+        self.predictor.observe_unet(model, h, w, len(sample), elapsed)
+        self.observer.unet_call(states[0].bucket, len(sample), elapsed)
         offset = 0
         for state in states:
             rows = state.unet_rows
@@ -145,10 +173,17 @@ class Engine:
             by_size.setdefault((state.params.height, state.params.width), []).append(state)
         for group in by_size.values():
             latents = torch.cat([s.sampler.latents for s in group]) / self.spec.vae_scaling_factor
+            start = self.clock()
             images = torch.from_numpy(self.executor.decode(latents.numpy()))
+            elapsed = self.clock() - start
+            self.predictor.observe_stage("decode", len(group) * group[0].params.height * group[0].params.width,
+                                         elapsed)
+            self.observer.stage("decode", elapsed)
             for state, image in zip(group, images):
                 state.enter(Status.FINISHED, self.clock())
-                self.scheduler.release(state)
+                with self._cv:
+                    self.scheduler.release(state)
+                self.observer.request_done(state)
                 state.sink.finish(to_uint8_image(image).numpy(), self.metadata(state))
 
     def _fail(self, state: RequestState, status: Status, message: str) -> None:
@@ -156,8 +191,7 @@ class Engine:
         state.enter(status, self.clock())
         with self._cv:
             self.scheduler.release(state)
-            if state in self.scheduler.waiting:
-                self.scheduler.waiting.remove(state)
+        self.observer.request_done(state)
         state.sink.fail(status, message)
 
     def metadata(self, state: RequestState) -> dict:
@@ -175,6 +209,10 @@ class Engine:
             "guidance_scale": p.guidance_scale,
             "height": p.height,
             "width": p.width,
+            "slo_ms": p.slo_ms,
+            "slo_met": state.slo_met,
+            "priority": p.priority,
+            "degraded_from_steps": state.degraded_from,
             "timings_ms": {
                 "queue": ms("queued", "encoding"),
                 "encode": ms("encoding", "denoising"),

@@ -16,6 +16,7 @@ class InvalidRequest(ValueError):
 
 
 SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "pndm", "unipc", "heun")
+STEP_MODES = ("fixed", "auto")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class Limits:
     max_prompt_tokens: int = 75  # CLIP's 77 minus start and end tokens
     default_scheduler: str = "euler"
     max_seed: int = 2**63 - 1
+    max_slo_ms: int = 3_600_000
+    max_priority: int = 9
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Limits":
@@ -60,6 +63,10 @@ class GenerationParams:
     seed: int = 0
     scheduler: str = "euler"
     stream: bool = False
+    slo_ms: int | None = None  # end-to-end latency objective; None = best effort
+    priority: int = 0  # higher goes first under the priority-aware policies
+    min_steps: int | None = None  # allows serving fewer steps (down to this) to meet slo_ms
+    step_mode: str = "fixed"  # "auto": the server picks the step count (up to `steps`) that meets slo_ms
     extra: dict = field(default_factory=dict)
 
     @property
@@ -113,8 +120,25 @@ def parse_params(raw: Mapping[str, Any], limits: Limits, count_tokens) -> Genera
     seed = secrets.randbelow(2**31) if seed is None else int(seed)
     _in_range("seed", seed, 0, limits.max_seed)
 
-    known = {"prompt", "negative_prompt", "height", "width", "steps", "guidance_scale", "seed", "scheduler", "stream"}
+    # 4. Service level: latency objective, priority, and how far steps may drop to meet it.
+    slo_ms = raw.get("slo_ms")
+    if slo_ms is not None:
+        slo_ms = int(slo_ms)
+        _in_range("slo_ms", slo_ms, 1, limits.max_slo_ms)
+    priority = int(raw.get("priority", 0))
+    _in_range("priority", priority, 0, limits.max_priority)
+    min_steps = raw.get("min_steps")
+    if min_steps is not None:
+        min_steps = int(min_steps)
+        _in_range("min_steps", min_steps, limits.min_steps, steps)
+    step_mode = str(raw.get("step_mode") or "fixed")
+    if step_mode not in STEP_MODES:
+        raise InvalidRequest("step_mode", f"'{step_mode}' is unknown; allowed: {', '.join(STEP_MODES)}")
+
+    known = {"prompt", "negative_prompt", "height", "width", "steps", "guidance_scale", "seed", "scheduler",
+             "stream", "slo_ms", "priority", "min_steps", "step_mode"}
     return GenerationParams(prompt=str(prompt), negative_prompt=str(negative), steps=steps,
                             guidance_scale=guidance, seed=seed, scheduler=scheduler,
-                            stream=bool(raw.get("stream", False)),
+                            stream=bool(raw.get("stream", False)), slo_ms=slo_ms, priority=priority,
+                            min_steps=min_steps, step_mode=step_mode,
                             extra={k: v for k, v in raw.items() if k not in known}, **size)

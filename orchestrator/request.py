@@ -50,6 +50,33 @@ class RequestState:
     latents: Any = None
     text_embeddings: Any = None
     error: str | None = None
+    arrival: float = 0.0  # clock time of submission
+    seq: int = 0  # submission order, the tie-breaker of every policy
+    degraded_from: int | None = None  # requested steps when admission served fewer
+
+    @property
+    def deadline(self) -> float | None:
+        slo = self.params.slo_ms
+        return None if slo is None else self.arrival + slo / 1000.0
+
+    @property
+    def priority(self) -> int:
+        return self.params.priority
+
+    @property
+    def steps_left(self) -> int:
+        return (self.steps_target - self.steps_done) if self.sampler is not None else self.params.steps
+
+    @property
+    def remaining_work(self) -> float:
+        """UNet rows x steps x pixels still to compute: the SRPT key."""
+        return self.steps_left * self.unet_rows * self.params.height * self.params.width
+
+    @property
+    def slo_met(self) -> bool | None:
+        if self.deadline is None or Status.FINISHED.value not in self.times:
+            return None
+        return self.times[Status.FINISHED.value] <= self.deadline
 
     @property
     def bucket(self) -> tuple[str, int, int]:

@@ -11,6 +11,9 @@ from triffusion.export.repository import write_repository
 from triffusion.server import TritonServer, free_port
 
 
+MAX_ACTIVE = 4
+
+
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory):
     out = tmp_path_factory.mktemp("repo") / "model_repository"
@@ -24,8 +27,8 @@ def server(tiny_repository):
     import json
 
     pipeline = json.loads((tiny_repository / "orchestrator" / "1" / "pipeline.json").read_text())
-    # Two slots make slot release observable: a third request only runs once one is free.
-    write_repository(tiny_repository, pipeline, orchestrator={"max_active": 2, "max_queue": 8})
+    # Few slots make slot release observable: a request beyond them only runs once one is free.
+    write_repository(tiny_repository, pipeline, orchestrator={"max_active": MAX_ACTIVE, "max_queue": 32})
     ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
     with TritonServer(tiny_repository, **ports) as srv:
         srv.wait_ready(timeout_s=180)

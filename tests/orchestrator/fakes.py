@@ -68,3 +68,34 @@ def make_state(i: int, *, size: int = 64, steps: int = 4, guidance: float = 7.5,
     ids[:, 0] = 49406
     ids[-1, 1] = 100 + i
     return RequestState(request_id=f"r{i}", params=params, sink=sink or RecordingSink(), input_ids=ids)
+
+
+class SimClock:
+    """Simulated time: only the fake executor moves it."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class TimedExecutor(FakeExecutor):
+    """FakeExecutor whose calls take simulated time: unet a + b * rows, encode and decode fixed."""
+
+    def __init__(self, clock: SimClock, unet_base=0.02, unet_per_row=0.01, encode=0.01, decode=0.02):
+        super().__init__()
+        self.clock, self.unet_base, self.unet_per_row = clock, unet_base, unet_per_row
+        self.encode_s, self.decode_s = encode, decode
+
+    def encode(self, input_ids):
+        self.clock.now += self.encode_s
+        return super().encode(input_ids)
+
+    def denoise(self, model, sample, timestep, text_embeddings):
+        self.clock.now += self.unet_base + self.unet_per_row * len(sample)
+        return super().denoise(model, sample, timestep, text_embeddings)
+
+    def decode(self, latent):
+        self.clock.now += self.decode_s
+        return super().decode(latent)

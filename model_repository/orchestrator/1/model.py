@@ -9,9 +9,12 @@ import triton_python_backend_utils as pb_utils
 
 from triffusion.bls import TritonExecutor
 from triffusion.orchestrator.engine import Engine, PipelineSpec
+from triffusion.orchestrator.metrics import MetricsObserver
 from triffusion.orchestrator.params import InvalidRequest, Limits, parse_params
+from triffusion.orchestrator.policies import create_policy
+from triffusion.orchestrator.predictor import LatencyPredictor
 from triffusion.orchestrator.request import RequestState, Status
-from triffusion.orchestrator.scheduler import QueueFull, StepScheduler
+from triffusion.orchestrator.scheduler import QueueFull, Rejected, StepScheduler
 from triffusion.orchestrator.text import PromptTokenizer
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -70,10 +73,16 @@ class TritonPythonModel:
         spec = PipelineSpec(model=pipeline["model"], scheduler_config=pipeline["scheduler_config"],
                             latent_channels=pipeline["latent_channels"], vae_scale_factor=pipeline["vae_scale_factor"],
                             vae_scaling_factor=pipeline["vae_scaling_factor"])
+        predictor = LatencyPredictor()
+        if (version_dir / "profile.json").exists():  # measured at export; refined online
+            predictor.seed(json.loads((version_dir / "profile.json").read_text()))
         scheduler = StepScheduler(max_active=int(params.get("max_active", "8")),
                                   max_queue=int(params.get("max_queue", "64")),
-                                  max_batch=int(params.get("max_batch", "16")))
-        self.engine = Engine(TritonExecutor(), spec, scheduler)
+                                  max_batch=int(params.get("max_batch", "16")),
+                                  policy=create_policy(params.get("policy", "edf")), predictor=predictor)
+        kinds = pb_utils.MetricFamily
+        observer = MetricsObserver(kinds, kinds.COUNTER, kinds.GAUGE, kinds.HISTOGRAM)
+        self.engine = Engine(TritonExecutor(), spec, scheduler, observer=observer)
         self.engine.start()
         self.counter = 0
 
@@ -90,7 +99,7 @@ class TritonPythonModel:
                 self.engine.submit(state)
             except InvalidRequest as exc:
                 sink.send_error("INVALID_ARG", str(exc))
-            except QueueFull as exc:
+            except (QueueFull, Rejected) as exc:
                 sink.fail(Status.REJECTED, str(exc))
         return None
 

@@ -1,0 +1,51 @@
+"""Engine observer that exports Prometheus metrics through any MetricFamily-like factory (the python
+backend's pb_utils.MetricFamily in production). Names share the `triffusion_` prefix."""
+
+from __future__ import annotations
+
+from .engine import Observer
+from .request import RequestState, Status
+
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
+SECONDS_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+
+
+class MetricsObserver(Observer):
+    def __init__(self, family, counter, gauge, histogram):
+        """`family(name, description, kind)` returns an object with `Metric(labels, buckets=None)`."""
+        # A family must outlive its metrics (the python backend deletes metrics of a dropped family).
+        self._families = [
+            family("triffusion_requests_total", "Requests by outcome", counter),
+            family("triffusion_slo_total", "Finished requests with an SLO, by whether it was met", counter),
+            family("triffusion_queue_depth", "Requests waiting for a slot", gauge),
+            family("triffusion_unet_batch_rows", "UNet rows per GPU call", histogram),
+            family("triffusion_stage_seconds", "Time per stage", histogram),
+        ]
+        self._requests, self._slo, queue, batch, stage = self._families
+        self._queue = queue.Metric(labels={})
+        self._batch = batch.Metric(labels={}, buckets=BATCH_BUCKETS)
+        self._stage = {name: stage.Metric(labels={"stage": name}, buckets=SECONDS_BUCKETS)
+                       for name in ("queue", "encode", "unet", "decode", "total")}
+        self._outcomes = {status: self._requests.Metric(labels={"outcome": status.value})
+                          for status in (Status.FINISHED, Status.FAILED, Status.CANCELLED, Status.REJECTED)}
+        self._slo_met = {met: self._slo.Metric(labels={"met": str(met).lower()}) for met in (True, False)}
+
+    def request_done(self, state: RequestState) -> None:
+        self._outcomes[state.status].increment(1)
+        if state.slo_met is not None:
+            self._slo_met[state.slo_met].increment(1)
+        t = state.times
+        if "encoding" in t and "queued" in t:
+            self._stage["queue"].observe(t["encoding"] - t["queued"])
+        if "finished" in t and "queued" in t:
+            self._stage["total"].observe(t["finished"] - t["queued"])
+
+    def unet_call(self, bucket, rows, seconds) -> None:
+        self._batch.observe(rows)
+        self._stage["unet"].observe(seconds)
+
+    def stage(self, stage, seconds) -> None:
+        self._stage[stage].observe(seconds)
+
+    def queue_depth(self, depth) -> None:
+        self._queue.set(depth)

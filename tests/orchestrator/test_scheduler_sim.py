@@ -1,0 +1,185 @@
+"""Scheduler policies and admission control on a simulated clock with a fake executor."""
+
+import random
+
+import pytest
+
+from triffusion.orchestrator.engine import Engine, PipelineSpec
+from triffusion.orchestrator.policies import create_policy
+from triffusion.orchestrator.predictor import LatencyPredictor
+from triffusion.orchestrator.request import Status
+from triffusion.orchestrator.scheduler import QueueFull, Rejected, StepScheduler
+
+from .fakes import SCHEDULER_CONFIG, RecordingSink, SimClock, TimedExecutor, make_state
+
+
+def sim_engine(policy="fcfs", predictor=None, **limits):
+    clock = SimClock()
+    scheduler = StepScheduler(policy=create_policy(policy), predictor=predictor or LatencyPredictor(), **limits)
+    engine = Engine(TimedExecutor(clock), PipelineSpec(model="fake", scheduler_config=SCHEDULER_CONFIG),
+                    scheduler, clock=clock)
+    return engine, clock
+
+
+def submit(engine, state):
+    try:
+        engine.submit(state)
+        return True
+    except (Rejected, QueueFull):
+        return False
+
+
+def run_stream(policy, make_high, every: int, limit_s: float = 120.0):
+    """One low-priority request, then a high-priority arrival every `every` iterations (overload)."""
+    engine, clock = sim_engine(policy, max_active=1, max_queue=100_000)
+    low = make_state(0, steps=2, guidance=1.0, stream=False)
+    low.params.slo_ms = 20_000
+    assert submit(engine, low)
+    highs, i = [], 1
+    while clock.now < limit_s and low.status is not Status.FINISHED:
+        if i % every == 0:
+            high = make_high(i)
+            if submit(engine, high):
+                highs.append(high)
+        i += 1
+        engine.step()
+    return low, highs
+
+
+def started_after(high, low):
+    return high.times.get("encoding", float("inf")) > low.times["encoding"]
+
+
+def test_edf_with_priorities_does_not_starve_low_priority():
+    """EDF moves a level-9 deadline 9 s earlier: every high-priority request whose boosted deadline is
+    later than the low one's (arrival > 20 - 20 + 9 = 9 s) starts after it, so the stream cannot starve it."""
+
+    def high(i):
+        state = make_state(i, steps=2, guidance=1.0, stream=False)
+        state.params.slo_ms, state.params.priority = 20_000, 9
+        return state
+
+    low, highs = run_stream("edf", high, every=1)
+    assert low.status is Status.FINISHED
+    late = [h for h in highs if h.arrival > 9.0 + 1e-9]
+    assert late and all(started_after(h, low) for h in late)
+    assert any(not started_after(h, low) for h in highs)  # it did yield to the earlier boosted deadlines
+
+
+def test_strict_priority_with_aging_also_serves_low_priority():
+    """Priority with aging (5 s a level): a level-3 request arriving after 15 s ranks below the waiting low one."""
+
+    def high(i):
+        state = make_state(i, steps=2, guidance=1.0, stream=False)
+        state.params.priority = 3
+        return state
+
+    low, highs = run_stream("priority", high, every=1)
+    assert low.status is Status.FINISHED
+    late = [h for h in highs if h.arrival > 15.0 + 1e-9]
+    assert late and all(started_after(h, low) for h in late)
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "edf", "srpt", "priority"])
+def test_every_admitted_request_finishes_or_fails_with_a_reason(policy):
+    rng = random.Random(7)
+    engine, clock = sim_engine(policy, max_active=4, max_queue=6, max_batch=8)
+    states, admitted = [], []
+    for i in range(80):
+        cancel = RecordingSink(cancel_after_steps=rng.randint(1, 3)) if rng.random() < 0.15 else RecordingSink()
+        state = make_state(i, size=rng.choice([64, 128]), steps=rng.randint(1, 6), sink=cancel,
+                           guidance=rng.choice([1.0, 7.5]))
+        state.params.slo_ms = rng.choice([None, 300, 3000])
+        state.params.priority = rng.randint(0, 3)
+        states.append(state)
+        if submit(engine, state):
+            admitted.append(state)
+        for _ in range(rng.randint(0, 2)):
+            engine.step()
+    while engine.scheduler.has_work:
+        engine.step()
+    assert admitted and len(admitted) < len(states)  # some were turned away at the door
+    for state in states:
+        terminal = [e for e in state.sink.events if e[0] in ("finish", "fail")]
+        if state in admitted:
+            assert len(terminal) == 1, state.request_id
+            assert state.status in (Status.FINISHED, Status.CANCELLED, Status.FAILED)
+            if state.status is not Status.FINISHED:
+                assert state.error
+        else:
+            assert state.status is Status.REJECTED and not terminal  # the adapter answers rejections
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+
+
+def exact_predictor():
+    """Binary-exact times so that 'exactly feasible' is exact in floating point."""
+    predictor = LatencyPredictor()
+    predictor.seed({"unet": [["unet", 64, 64, rows, 0.125 * rows / 2] for rows in range(1, 17)],
+                    "stages": [["encode", 2, 0.0625], ["decode", 64 * 64, 0.0625]]})
+    return predictor
+
+
+def make_slo_state(i, slo_ms, steps=10, min_steps=None):
+    state = make_state(i, steps=steps, stream=False)
+    state.params.slo_ms, state.params.min_steps = slo_ms, min_steps
+    return state
+
+
+def test_admission_rejects_exactly_the_infeasible_requests():
+    # Alone: 0.0625 encode + 10 x 0.125 (2 rows) + 0.0625 decode = 1.375 s.
+    scheduler = StepScheduler(max_active=4, predictor=exact_predictor())
+    scheduler.add(make_slo_state(1, 1375), now=0.0)  # exactly feasible
+    with pytest.raises(Rejected, match="slo_ms 1374 cannot be met"):
+        StepScheduler(max_active=4, predictor=exact_predictor()).add(make_slo_state(2, 1374), now=0.0)
+    # With request 1 waiting ahead (FCFS), both advance together: 4 rows = 0.25 s per step.
+    # 0.0625 + 10 x 0.25 + 0.0625 = 2.625 s.
+    with pytest.raises(Rejected):
+        scheduler.add(make_slo_state(3, 2624), now=0.0)
+    scheduler.add(make_slo_state(4, 2625), now=0.0)
+
+
+def test_admission_serves_fewer_steps_when_allowed():
+    scheduler = StepScheduler(max_active=4, predictor=exact_predictor())
+    state = make_slo_state(1, 1000, steps=10, min_steps=4)  # 0.125 + n x 0.125 <= 1.0 -> n = 7
+    scheduler.add(state, now=0.0)
+    assert (state.params.steps, state.degraded_from) == (7, 10)
+    with pytest.raises(Rejected, match="with 4 steps"):
+        StepScheduler(max_active=4, predictor=exact_predictor()).add(make_slo_state(2, 600, min_steps=4), now=0.0)
+
+
+def test_admission_protects_admitted_requests():
+    scheduler = StepScheduler(max_active=4, predictor=exact_predictor())
+    tight = make_slo_state(1, 1375)
+    scheduler.add(tight, now=0.0)
+    scheduler.running.append(scheduler.waiting.pop())  # admitted and running, on schedule exactly
+    tight.sampler, tight.steps_target = object(), 10
+    with pytest.raises(Rejected, match="would make request r1 miss its SLO"):
+        scheduler.add(make_slo_state(2, 100_000), now=0.0)
+
+
+def test_srpt_orders_by_remaining_work_and_fcfs_by_arrival():
+    scheduler = StepScheduler(max_active=1, policy=create_policy("srpt"))
+    long, short = make_state(1, steps=50), make_state(2, steps=3)
+    scheduler.add(long, 0.0)
+    scheduler.add(short, 1.0)
+    assert scheduler.schedule(2.0).encode == [short]
+    fcfs = StepScheduler(max_active=1)
+    fcfs.add(make_state(3, steps=50), 0.0)
+    fcfs.add(make_state(4, steps=3), 1.0)
+    assert fcfs.schedule(2.0).encode[0].request_id == "r3"
+
+
+def test_unknown_policy_is_named():
+    with pytest.raises(ValueError, match="unknown policy 'lifo'; choose one of: fcfs, edf, srpt, priority"):
+        create_policy("lifo")
+
+
+def test_predictor_learns_and_extrapolates():
+    predictor = LatencyPredictor(alpha=0.5)
+    predictor.observe_unet("unet", 64, 64, 2, 0.2)
+    predictor.observe_unet("unet", 64, 64, 2, 0.4)
+    assert predictor.unet_step("unet", 64, 64, 2) == pytest.approx(0.3)
+    predictor.observe_unet("unet", 64, 64, 8, 0.9)
+    # Linear in rows x pixels through the two measured shapes.
+    assert predictor.unet_step("unet", 64, 64, 4) == pytest.approx(0.3 + (0.9 - 0.3) * 2 / 6)
+    assert predictor.unet_step("unet", 128, 128, 2) > predictor.unet_step("unet", 64, 64, 2)
