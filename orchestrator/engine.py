@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,8 +43,10 @@ class Observer:
 
 class Engine:
     def __init__(self, executor: Executor, spec: PipelineSpec, scheduler: StepScheduler | None = None,
-                 clock=time.monotonic, observer: Observer | None = None):
+                 clock=time.monotonic, observer: Observer | None = None, pipelined: bool = True):
         self.executor, self.spec, self.clock = executor, spec, clock
+        self.pipelined = pipelined
+        self._side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triffusion-side")
         self.scheduler = scheduler or StepScheduler()
         self.predictor = self.scheduler.predictor
         self.observer = observer or Observer()
@@ -82,6 +85,7 @@ class Engine:
             self._cv.notify()
         if self._thread:
             self._thread.join(timeout_s)
+        self._side.shutdown(wait=False)
 
     def _run(self) -> None:
         while True:
@@ -106,9 +110,21 @@ class Engine:
     def execute(self, plan: Plan) -> None:
         for state in plan.cancelled:
             self._fail(state, Status.CANCELLED, "cancelled by the client")
-        self._guarded(plan.encode, self._encode)
+        # CPU-GPU pipelining: text encoding of joining requests and VAE decoding of finished ones run
+        # on the side thread while this thread drives the UNet steps of the others. The three sets of
+        # requests are disjoint, so no request state is touched from two threads at once.
+        side = None
+        if self.pipelined and (plan.encode or plan.decode) and plan.denoise:
+            side = self._side.submit(self._side_stages, plan)
+        else:
+            self._side_stages(plan)
         for batch in plan.denoise:
             self._guarded(batch, self._denoise)
+        if side is not None:
+            side.result()
+
+    def _side_stages(self, plan: Plan) -> None:
+        self._guarded(plan.encode, self._encode)
         self._guarded(plan.decode, self._decode)
 
     def _guarded(self, states: list[RequestState], stage) -> None:

@@ -124,3 +124,16 @@ def test_no_cfg_uses_one_row():
     engine.submit(make_state(1, guidance=1.0))
     drain(engine)
     assert {rows for name, rows in executor.calls if name == "denoise"} == {1}
+
+
+def test_pipelined_stages_give_the_same_images_as_sequential():
+    results = {}
+    for pipelined in (False, True):
+        engine = Engine(FakeExecutor(), PipelineSpec(model="fake", scheduler_config=SCHEDULER_CONFIG),
+                        StepScheduler(max_active=3), pipelined=pipelined)
+        states = [make_state(i, steps=2 + i) for i in range(6)]
+        for s in states:
+            engine.submit(s)
+        drain(engine)
+        results[pipelined] = [s.sink.events[-1][1] for s in states]
+    assert all(np.array_equal(a, b) for a, b in zip(results[False], results[True]))

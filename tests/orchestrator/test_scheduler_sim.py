@@ -16,8 +16,9 @@ from .fakes import SCHEDULER_CONFIG, RecordingSink, SimClock, TimedExecutor, mak
 def sim_engine(policy="fcfs", predictor=None, **limits):
     clock = SimClock()
     scheduler = StepScheduler(policy=create_policy(policy), predictor=predictor or LatencyPredictor(), **limits)
+    # Sequential stages: one simulated clock cannot be advanced by two threads at once.
     engine = Engine(TimedExecutor(clock), PipelineSpec(model="fake", scheduler_config=SCHEDULER_CONFIG),
-                    scheduler, clock=clock)
+                    scheduler, clock=clock, pipelined=False)
     return engine, clock
 
 
