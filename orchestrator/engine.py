@@ -120,6 +120,8 @@ class Engine:
             self._side_stages(plan)
         for batch in plan.denoise:
             self._guarded(batch, self._denoise)
+        for batch in plan.patched:
+            self._guarded(batch, self._denoise_patched)
         if side is not None:
             side.result()
 
@@ -161,20 +163,42 @@ class Engine:
 
     def _denoise(self, states: list[RequestState]) -> None:
         inputs = [s.sampler.model_input(s.steps_done) for s in states]
-        sample = torch.cat([x for x, _ in inputs]).numpy()
-        timestep = torch.cat([t for _, t in inputs]).numpy()
-        embeddings = torch.cat([s.text_embeddings for s in states]).numpy()
-        start = self.clock()
-        noise = torch.from_numpy(self.executor.denoise(states[0].model, sample, timestep, embeddings))
-        elapsed = self.clock() - start
-        model, h, w = states[0].bucket
-        self.predictor.observe_unet(model, h, w, len(sample), elapsed)
-        self.observer.unet_call(states[0].bucket, len(sample), elapsed)
-        offset = 0
+        sample = torch.cat([x for x, _ in inputs])
+        timestep = torch.cat([t for _, t in inputs])
+        embeddings = torch.cat([s.text_embeddings for s in states])
+        noise = self._unet(states[0].bucket, sample, timestep, embeddings)
+        self._advance(states, list(noise.split([s.unet_rows for s in states])))
+
+    def _denoise_patched(self, states: list[RequestState]) -> None:
+        """One UNet call over the patches of requests of several resolutions."""
+        grid = self.scheduler.patch_grid
+        tiles, timesteps, embeddings, counts = [], [], [], []
         for state in states:
-            rows = state.unet_rows
-            state.sampler.step(state.steps_done, noise[offset:offset + rows])
-            offset += rows
+            sample, t = state.sampler.model_input(state.steps_done)
+            patches = grid.split(sample)
+            per_row = patches.shape[0] // sample.shape[0]
+            tiles.append(patches)
+            timesteps.append(t.repeat_interleave(per_row))
+            embeddings.append(state.text_embeddings.repeat_interleave(per_row, dim=0))
+            counts.append(patches.shape[0])
+        tile_px = grid.tile * self.spec.vae_scale_factor
+        noise = self._unet((states[0].model, tile_px, tile_px), torch.cat(tiles), torch.cat(timesteps),
+                           torch.cat(embeddings))
+        latent_size = lambda s: (s.params.height // self.spec.vae_scale_factor, s.params.width // self.spec.vae_scale_factor)
+        self._advance(states, [grid.stitch(part, *latent_size(s)) for s, part in zip(states, noise.split(counts))])
+
+    def _unet(self, bucket: tuple, sample, timestep, embeddings) -> torch.Tensor:
+        start = self.clock()
+        noise = torch.from_numpy(self.executor.denoise(bucket[0], sample.numpy(), timestep.numpy(), embeddings.numpy()))
+        elapsed = self.clock() - start
+        model, h, w = bucket
+        self.predictor.observe_unet(model, h, w, len(sample), elapsed)
+        self.observer.unet_call(bucket, len(sample), elapsed)
+        return noise
+
+    def _advance(self, states: list[RequestState], noise: list[torch.Tensor]) -> None:
+        for state, prediction in zip(states, noise):
+            state.sampler.step(state.steps_done, prediction)
             state.steps_done += 1
             if state.params.stream:
                 state.sink.progress(state.steps_done, state.steps_target)

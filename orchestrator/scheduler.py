@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .patches import PatchGrid
 from .policies import FCFS, Policy
 from .predictor import LatencyPredictor
 from .request import RequestState, Status
@@ -26,12 +27,13 @@ class Rejected(RuntimeError):
 class Plan:
     encode: list[RequestState] = field(default_factory=list)
     denoise: list[list[RequestState]] = field(default_factory=list)  # each list is one UNet call
+    patched: list[list[RequestState]] = field(default_factory=list)  # one UNet call over patches of mixed sizes
     decode: list[RequestState] = field(default_factory=list)
     cancelled: list[RequestState] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not (self.encode or self.denoise or self.decode or self.cancelled)
+        return not (self.encode or self.denoise or self.patched or self.decode or self.cancelled)
 
 
 class StepScheduler:
@@ -39,10 +41,18 @@ class StepScheduler:
     iteration, grouped by bucket (model, height, width) into UNet calls of at most `max_batch` rows."""
 
     def __init__(self, max_active: int = 8, max_queue: int = 64, max_batch: int = 16,
-                 policy: Policy | None = None, predictor: LatencyPredictor | None = None):
+                 policy: Policy | None = None, predictor: LatencyPredictor | None = None,
+                 hybrid: str = "bucket", patch_grid: PatchGrid | None = None, latent_scale: int = 8,
+                 max_patch_rows: int | None = None):
+        if hybrid not in ("bucket", "patch", "auto"):
+            raise ValueError(f"unknown hybrid mode '{hybrid}'; choose one of: bucket, patch, auto")
+        if hybrid != "bucket" and patch_grid is None:
+            raise ValueError(f"hybrid mode '{hybrid}' needs a patch grid")
         self.max_active, self.max_queue, self.max_batch = max_active, max_queue, max_batch
         self.policy = policy or FCFS()
         self.predictor = predictor or LatencyPredictor()
+        self.hybrid, self.patch_grid, self.latent_scale = hybrid, patch_grid, latent_scale
+        self.max_patch_rows = max_patch_rows or 4 * max_batch
         self.waiting: list[RequestState] = []
         self.running: list[RequestState] = []
         self._seq = 0
@@ -136,19 +146,64 @@ class StepScheduler:
         for state in self.policy.order(self.running, now):
             if state.status is Status.DENOISING and state.steps_done < state.steps_target:
                 buckets.setdefault(state.bucket, []).append(state)
-        for members in buckets.values():
-            batch, rows = [], 0
-            for state in members:
-                if batch and rows + state.unet_rows > self.max_batch:
-                    plan.denoise.append(batch)
-                    batch, rows = [], 0
-                batch.append(state)
-                rows += state.unet_rows
-            plan.denoise.append(batch)
+        for model, members in self._by_model(buckets).items():
+            if self._patch_is_cheaper(model, members):
+                plan.patched.extend(self._chunks(sum(members.values(), []), self.max_patch_rows, self._tile_rows))
+            else:
+                for group in members.values():
+                    plan.denoise.extend(self._chunks(group, self.max_batch, lambda s: s.unet_rows))
         # 4. Decode: requests whose steps are done.
         plan.decode = [s for s in self.running
                        if s.status is Status.DENOISING and s.steps_done >= s.steps_target]
         return plan
+
+    # ---- hybrid-resolution planning ---------------------------------------------------------
+    @staticmethod
+    def _by_model(buckets: dict) -> dict[str, dict[tuple, list[RequestState]]]:
+        models: dict[str, dict[tuple, list[RequestState]]] = {}
+        for bucket, members in buckets.items():
+            models.setdefault(bucket[0], {})[bucket] = members
+        return models
+
+    @staticmethod
+    def _chunks(items, limit: int, size) -> list[list]:
+        """Consecutive groups whose summed size stays within `limit` (a single oversize item stands alone)."""
+        chunks, batch, rows = [], [], 0
+        for item in items:
+            if batch and rows + size(item) > limit:
+                chunks.append(batch)
+                batch, rows = [], 0
+            batch.append(item)
+            rows += size(item)
+        if batch:
+            chunks.append(batch)
+        return chunks
+
+    def _tile_rows(self, state: RequestState) -> int:
+        p = state.params
+        return state.unet_rows * self.patch_grid.count(p.height // self.latent_scale, p.width // self.latent_scale)
+
+    def _patch_is_cheaper(self, model: str, members: dict[tuple, list[RequestState]]) -> bool:
+        """Patches pay for their halos; they win when they merge buckets that would run as small batches."""
+        if self.hybrid == "bucket" or (self.hybrid == "auto" and len(members) < 2):
+            return False
+        grid, scale = self.patch_grid, self.latent_scale
+        if not all(grid.fits(h // scale, w // scale) for _, h, w in members):
+            return False
+        if self.hybrid == "patch":
+            return True
+        bucket_cost = sum(self.predictor.unet_step(model, h, w, rows)
+                          for (_, h, w), group in members.items()
+                          for rows in self._chunk_rows([s.unet_rows for s in group], self.max_batch))
+        tile_px = grid.tile * scale
+        tile_rows = [self._tile_rows(s) for group in members.values() for s in group]
+        patch_cost = sum(self.predictor.unet_step(model, tile_px, tile_px, rows)
+                         for rows in self._chunk_rows(tile_rows, self.max_patch_rows))
+        return patch_cost < bucket_cost
+
+    @classmethod
+    def _chunk_rows(cls, sizes: list[int], limit: int) -> list[int]:
+        return [sum(chunk) for chunk in cls._chunks(sizes, limit, lambda size: size)]
 
     def release(self, state: RequestState) -> None:
         """A finished, failed or cancelled request leaves the scheduler."""

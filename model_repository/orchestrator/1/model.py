@@ -11,6 +11,7 @@ from triffusion.bls import TritonExecutor
 from triffusion.orchestrator.engine import Engine, PipelineSpec
 from triffusion.orchestrator.metrics import MetricsObserver
 from triffusion.orchestrator.params import InvalidRequest, Limits, parse_params
+from triffusion.orchestrator.patches import PatchGrid
 from triffusion.orchestrator.policies import create_policy
 from triffusion.orchestrator.predictor import LatencyPredictor
 from triffusion.orchestrator.request import RequestState, Status
@@ -79,7 +80,10 @@ class TritonPythonModel:
         scheduler = StepScheduler(max_active=int(params.get("max_active", "8")),
                                   max_queue=int(params.get("max_queue", "64")),
                                   max_batch=int(params.get("max_batch", "16")),
-                                  policy=create_policy(params.get("policy", "edf")), predictor=predictor)
+                                  policy=create_policy(params.get("policy", "edf")), predictor=predictor,
+                                  hybrid=params.get("hybrid", "bucket"),
+                                  patch_grid=PatchGrid(int(params.get("patch", "8")), int(params.get("halo", "4"))),
+                                  latent_scale=spec.vae_scale_factor)
         kinds = pb_utils.MetricFamily
         observer = MetricsObserver(kinds, kinds.COUNTER, kinds.GAUGE, kinds.HISTOGRAM)
         self.engine = Engine(TritonExecutor(), spec, scheduler, observer=observer)
