@@ -1,0 +1,129 @@
+"""Build a servable repository: pipeline -> ONNX (parity-checked) -> tokenizer -> configs -> profile.
+
+Deterministic for a seed and idempotent: a manifest records what was built from what, and a re-run
+with the same inputs and intact artifacts skips the export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from triffusion import contract
+
+from .onnx_export import TextEncoderComponent, UNetComponent, VaeDecoderComponent, check_parity, export_component, file_sha256
+from .presets import Pipeline, build_preset, load_pipeline, save_pipeline
+from .repository import write_repository
+from .tokenizer import write_tokenizer
+
+ARTIFACTS = {name: f"{name}/1/model.onnx" for name in contract.COMPONENT_IO}
+
+
+def _fingerprint(preset, model, seed, fp16) -> dict:
+    import diffusers
+    import onnx
+    import torch
+
+    return {"preset": preset, "model": str(Path(model).resolve()) if model and Path(model).exists() else model,
+            "seed": seed if preset else None, "fp16": fp16,
+            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "onnx": onnx.__version__}}
+
+
+def _up_to_date(out: Path, fingerprint: dict) -> dict | None:
+    manifest_path = out / "export_manifest.json"
+    if not manifest_path.exists():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("fingerprint") != fingerprint:
+        return None
+    for name, rel in ARTIFACTS.items():
+        path = out / rel
+        if not path.exists() or file_sha256(path) != manifest["pipeline"]["sha256"][name]:
+            return None
+    return manifest
+
+
+def _pipeline_info(pipeline: Pipeline, source: str, seed: int | None, out: Path) -> dict:
+    unet, vae = pipeline.unet.config, pipeline.vae.config
+    large = unet.sample_size >= 64
+    return {
+        "model": pipeline.name, "source": source, "seed": seed,
+        "latent_channels": unet.in_channels,
+        "vae_scale_factor": 2 ** (len(vae.block_out_channels) - 1),
+        "vae_scaling_factor": vae.scaling_factor,
+        "text_hidden_size": pipeline.text_encoder.config.hidden_size,
+        "latent_multiple": 2 ** (len(unet.block_out_channels) - 1),
+        "scheduler_config": {k: v for k, v in dict(pipeline.scheduler.config).items()},
+        "artifacts": dict(ARTIFACTS),
+        "sha256": {name: file_sha256(out / rel) for name, rel in ARTIFACTS.items()},
+        "limits": ({"min_size": 256, "max_size": 1024, "default_height": 512, "default_width": 512} if large else
+                   {"min_size": 64, "max_size": 512, "default_height": 64, "default_width": 64}),
+    }
+
+
+def _profile(out: Path, info: dict) -> None:
+    from triffusion.orchestrator.executor import RuntimeExecutor
+    from triffusion.orchestrator.profile import profile
+    from triffusion.runtime import create_runtime
+
+    runtime = lambda name: create_runtime("onnxruntime", out / ARTIFACTS[name])
+    executor = RuntimeExecutor(runtime(contract.TEXT_ENCODER), {contract.UNET: runtime(contract.UNET)},
+                               runtime(contract.VAE_DECODER))
+    limits = info["limits"]
+    multiple = info["vae_scale_factor"] * info["latent_multiple"]
+    sizes = sorted({limits["min_size"], limits["default_height"], 2 * limits["min_size"], 4 * limits["min_size"]})
+    sizes = [s for s in sizes if s % multiple == 0 and s <= limits["max_size"]]
+    data = profile(executor, contract.UNET, sizes, [1, 2, 4, 8], latent_channels=info["latent_channels"],
+                   vae_scale=info["vae_scale_factor"], text_hidden=info["text_hidden_size"])
+    (out / contract.ORCHESTRATOR / "1" / "profile.json").write_text(json.dumps(data, indent=1) + "\n")
+
+
+def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force: bool = False,
+          save_pipeline_to: Path | None = None, vocab: str | None = None, fp16: bool = False,
+          profile: bool = True, log=print) -> dict:
+    """Export a preset (seeded random weights) or a checkpoint into a Triton model repository at `out`."""
+    if bool(preset) == bool(model):
+        raise SystemExit("pass exactly one of --preset NAME or --model PATH")
+    out = Path(out)
+    fingerprint = _fingerprint(preset, model, seed, fp16)
+    manifest = None if force else _up_to_date(out, fingerprint)
+    if manifest is not None:
+        log(f"{out}: up to date (export_manifest.json matches); --force rebuilds")
+        write_repository(out, manifest["pipeline"])
+        return manifest["pipeline"]
+
+    started = time.perf_counter()
+    # 1. The pipeline: preset architecture with seeded weights, or a real checkpoint.
+    pipeline = build_preset(preset, seed) if preset else load_pipeline(model)
+    # 2. Tokenizer: the checkpoint's own, or CLIP's BPE vocabulary.
+    tokenizer_dir = out / contract.ORCHESTRATOR / "1" / "tokenizer"
+    if tokenizer_dir.exists():
+        shutil.rmtree(tokenizer_dir)
+    if pipeline.tokenizer_dir:
+        shutil.copytree(pipeline.tokenizer_dir, tokenizer_dir)
+    else:
+        write_tokenizer(tokenizer_dir, vocab)
+    # 3. ONNX per component, each checked against torch at two shapes.
+    latent = pipeline.unet.config.sample_size
+    multiple = 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
+    other = max(multiple, (latent // 2) // multiple * multiple)
+    for component in (TextEncoderComponent(pipeline.text_encoder), UNetComponent(pipeline.unet),
+                      VaeDecoderComponent(pipeline.vae)):
+        path = export_component(component, out / ARTIFACTS[component.name], (latent, latent), fp16=fp16)
+        if not fp16:  # fp16 graphs are checked on the GPU host, where fp16 kernels exist
+            error = check_parity(component, path, [(2, (latent, latent)), (1, (other, 2 * other))])
+            log(f"{component.name}: exported, max |onnx - torch| {error:.2e}")
+    # 4. Repository around the artifacts, the manifest, and a profile that seeds the latency predictor.
+    info = _pipeline_info(pipeline, preset or model, seed if preset else None, out)
+    write_repository(out, info)
+    if profile:
+        _profile(out, info)
+    (out / "export_manifest.json").write_text(json.dumps({"fingerprint": fingerprint, "pipeline": info},
+                                                         indent=2, sort_keys=True) + "\n")
+    if preset:
+        target = save_pipeline_to or out.parent / "models" / f"{preset}-seed{seed}"
+        save_pipeline(pipeline, tokenizer_dir, Path(target))
+        log(f"diffusers folder: {target}")
+    log(f"{out}: built in {time.perf_counter() - started:.1f} s")
+    return info
