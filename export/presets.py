@@ -28,6 +28,7 @@ def presets() -> list[str]:
 
 def _config(preset: str, name: str) -> dict:
     data = json.loads((CONFIGS / preset / f"{name}.json").read_text())
+    # Keys starting with "_" are provenance notes, not constructor arguments.
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
 
