@@ -51,3 +51,16 @@ class TritonExecutor:
 
     def decode(self, latent):
         return infer(self.vae_decoder, {"latent": latent}, ["image"])["image"]
+
+
+class InProcessUNetExecutor(TritonExecutor):
+    """Text encoder and VAE over BLS (once per request), UNet steps in this process: the per-step BLS
+    round trip (about 4 ms with GPU tensors on an H100) disappears and latents never leave."""
+
+    def __init__(self, unets: dict, **names):
+        super().__init__(**names)
+        self.unets = unets
+
+    def denoise(self, model, sample, timestep, text_embeddings):
+        return self.unets[model].run({"sample": sample, "timestep": timestep,
+                                      "encoder_hidden_states": text_embeddings})["noise_pred"]

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from triffusion.bls import TritonExecutor
+from triffusion.bls import InProcessUNetExecutor, TritonExecutor
+from triffusion.runtime import create_runtime
 from triffusion.orchestrator.engine import Engine, PipelineSpec
 from triffusion.orchestrator.metrics import MetricsObserver
 from triffusion.orchestrator.params import InvalidRequest, Limits, parse_params
@@ -86,9 +87,22 @@ class TritonPythonModel:
                                   latent_scale=spec.vae_scale_factor)
         kinds = pb_utils.MetricFamily
         observer = MetricsObserver(kinds, kinds.COUNTER, kinds.GAUGE, kinds.HISTOGRAM)
-        self.engine = Engine(TritonExecutor(), spec, scheduler, observer=observer)
+        self.engine = Engine(self._executor(params, Path(args["model_repository"]).parent, pipeline), spec, scheduler,
+                             observer=observer)
         self.engine.start()
         self.counter = 0
+
+    @staticmethod
+    def _executor(params, repository, pipeline):
+        """`unet_executor`: "bls" (UNet is its own Triton model) or "inprocess" (UNet runs here)."""
+        mode = params.get("unet_executor", "bls")
+        if mode == "bls":
+            return TritonExecutor()
+        if mode != "inprocess":
+            raise pb_utils.TritonModelException(f"unet_executor '{mode}' is unknown; choose bls or inprocess")
+        unet = create_runtime(params.get("runtime", "onnxruntime"), repository / pipeline["artifacts"]["unet"],
+                              device=params.get("device", "cpu"))
+        return InProcessUNetExecutor({"unet": unet})
 
     def execute(self, requests):
         for request in requests:
