@@ -21,6 +21,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--vocab", help="path to CLIP's bpe_simple_vocab_16e6.txt.gz")
     b.add_argument("--save-pipeline", type=Path, help="where to write the preset as a diffusers folder")
     b.add_argument("--no-profile", action="store_true", help="skip the latency profile that seeds admission")
+    b.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the served components run (cuda: onnxruntime-gpu's CUDA provider)")
     return p
 
 
@@ -30,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         build(args.preset, args.model, args.out, seed=args.seed, force=args.force, save_pipeline_to=args.save_pipeline,
-              vocab=args.vocab, fp16=args.fp16, profile=not args.no_profile)
+              vocab=args.vocab, fp16=args.fp16, profile=not args.no_profile,
+              device=args.device)
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     return 0

@@ -81,7 +81,7 @@ def _profile(out: Path, info: dict) -> None:
 
 def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force: bool = False,
           save_pipeline_to: Path | None = None, vocab: str | None = None, fp16: bool = False,
-          profile: bool = True, log=print) -> dict:
+          profile: bool = True, device: str = "cpu", log=print) -> dict:
     """Export a preset (seeded random weights) or a checkpoint into a Triton model repository at `out`."""
     if bool(preset) == bool(model):
         raise SystemExit("pass exactly one of --preset NAME or --model PATH")
@@ -90,7 +90,7 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
     manifest = None if force else _up_to_date(out, fingerprint)
     if manifest is not None:
         log(f"{out}: up to date (export_manifest.json matches); --force rebuilds")
-        write_repository(out, manifest["pipeline"])
+        write_repository(out, manifest["pipeline"], device=device)
         return manifest["pipeline"]
 
     started = time.perf_counter()
@@ -116,7 +116,7 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
             log(f"{component.name}: exported, max |onnx - torch| {error:.2e}")
     # 4. Repository around the artifacts, the manifest, and a profile that seeds the latency predictor.
     info = _pipeline_info(pipeline, preset or model, seed if preset else None, out)
-    write_repository(out, info)
+    write_repository(out, info, device=device)
     if profile:
         _profile(out, info)
     (out / "export_manifest.json").write_text(json.dumps({"fingerprint": fingerprint, "pipeline": info},
