@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	# The CLIP BPE vocabulary ships in this wheel; --no-deps keeps its torchvision pin off our torch.
 	$(BIN)/pip install -q --no-deps clip-anytorch==2.6.0
+	# perf_analyzer for the SLO harness (tests skip its smoke run, naming it, where this cannot install it).
+	-bash perf/install_perf_analyzer.sh $(VENV)
 	touch $@
 
 install: $(VENV)/.installed

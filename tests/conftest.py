@@ -1,0 +1,44 @@
+"""One real tritonserver (from the nvidia-pytriton wheel) per session, serving the tiny preset."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from triffusion.export.repository import write_repository
+from triffusion.server import TritonServer, free_port
+
+
+MAX_ACTIVE = 4
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tmp_path_factory):
+    out = tmp_path_factory.mktemp("repo") / "model_repository"
+    subprocess.run([sys.executable, "-m", "triffusion.export", "build", "--preset", "tiny", "--out", str(out)],
+                   check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def server(tiny_repository):
+    import json
+
+    pipeline = json.loads((tiny_repository / "orchestrator" / "1" / "pipeline.json").read_text())
+    # Few slots make slot release observable: a request beyond them only runs once one is free.
+    write_repository(tiny_repository, pipeline, orchestrator={"max_active": MAX_ACTIVE, "max_queue": 32})
+    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
+    with TritonServer(tiny_repository, **ports) as srv:
+        srv.wait_ready(timeout_s=180)
+        yield Urls(http=f"localhost:{ports['http_port']}", grpc=f"localhost:{ports['grpc_port']}",
+                   metrics=f"http://localhost:{ports['metrics_port']}/metrics")
+
+
+class Urls:
+    def __init__(self, http: str, grpc: str, metrics: str):
+        self.http, self.grpc, self.metrics = http, grpc, metrics
+
+    def url(self, protocol: str) -> str:
+        return self.http if protocol == "http" else self.grpc
