@@ -92,11 +92,12 @@ def _error(exc, url: str) -> GenerationError:
 class GenerationHandle:
     """A streamed gRPC generation in flight: `result()` waits for it, `cancel()` stops it."""
 
-    def __init__(self, url: str, arrays, on_progress: Callable[[int, int], None] | None, timeout_s: float | None):
+    def __init__(self, url: str, arrays, on_progress: Callable[[int, int], None] | None, timeout_s: float | None,
+                 on_preview: Callable[[np.ndarray], None] | None = None):
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
-        self.url, self.on_progress = url, on_progress
+        self.url, self.on_progress, self.on_preview = url, on_progress, on_preview
         self._events: queue.Queue = queue.Queue()
         self._outcome: GenerationResult | GenerationError | None = None
         self.client = grpcclient.InferenceServerClient(url)
@@ -116,6 +117,8 @@ class GenerationHandle:
             step, steps = (int(x) for x in result.as_numpy("progress"))
             if self.on_progress:
                 self.on_progress(step, steps)
+        if result.as_numpy("preview") is not None and self.on_preview:
+            self.on_preview(result.as_numpy("preview"))
         if result.as_numpy("image") is not None:
             self._events.put(_result(result))
 
@@ -145,10 +148,13 @@ class GenerationHandle:
 
 def start_stream_generation(prompt: str, *, url: str | None = None,
                             on_progress: Callable[[int, int], None] | None = None,
+                            on_preview: Callable[[np.ndarray], None] | None = None,
                             timeout_s: float | None = None, **fields: Any) -> GenerationHandle:
-    """Start a streamed generation over gRPC against the decoupled orchestrator."""
+    """Start a streamed generation over gRPC against the decoupled orchestrator; with `preview_every`,
+    on_preview receives (h, w, 3) latent-resolution previews."""
     fields["stream"] = True
-    return GenerationHandle(url or DEFAULT_URLS["grpc"], request_arrays(prompt, **fields), on_progress, timeout_s)
+    return GenerationHandle(url or DEFAULT_URLS["grpc"], request_arrays(prompt, **fields), on_progress, timeout_s,
+                            on_preview)
 
 
 def generate(prompt: str, *, url: str | None = None, protocol: str = "grpc", stream: bool = False,

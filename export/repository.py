@@ -51,7 +51,7 @@ def orchestrator_config(params: dict) -> str:
 
 def text_to_image_config(instances: int) -> str:
     optional = {s.name for s in contract.REQUEST_INPUTS if s.name != "prompt"}
-    outputs = [s for s in contract.RESPONSE_OUTPUTS if s.name != "progress"]
+    outputs = [s for s in contract.RESPONSE_OUTPUTS if s.name not in ("progress", "preview")]
     # One blocking BLS call per instance: instances bound how many unary requests are in flight.
     return (f'name: "{contract.TEXT_TO_IMAGE}"\nbackend: "python"\nmax_batch_size: 0\n'
             + _tensors("input", contract.REQUEST_INPUTS, optional) + _tensors("output", outputs)

@@ -15,7 +15,7 @@ import torch
 
 from .executor import Executor
 from .request import RequestState, Status
-from .sampling import Sampler, to_uint8_image
+from .sampling import Sampler, latent_preview, to_uint8_image
 from .scheduler import Plan, StepScheduler
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,9 @@ class Engine:
             state.steps_done += 1
             if state.params.stream:
                 state.sink.progress(state.steps_done, state.steps_target)
+                every = state.params.preview_every
+                if every and state.steps_done % every == 0 and state.steps_done < state.steps_target:
+                    state.sink.preview(latent_preview(state.sampler.latents).numpy())
 
     def _decode(self, states: list[RequestState]) -> None:
         now = self.clock()

@@ -67,6 +67,7 @@ class GenerationParams:
     priority: int = 0  # higher goes first under the priority-aware policies
     min_steps: int | None = None  # allows serving fewer steps (down to this) to meet slo_ms
     step_mode: str = "fixed"  # "auto": the server picks the step count (up to `steps`) that meets slo_ms
+    preview_every: int = 0  # with stream: a low-resolution preview every this many steps (0 = none)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -131,14 +132,16 @@ def parse_params(raw: Mapping[str, Any], limits: Limits, count_tokens) -> Genera
     if min_steps is not None:
         min_steps = int(min_steps)
         _in_range("min_steps", min_steps, limits.min_steps, steps)
+    preview_every = int(raw.get("preview_every", 0))
+    _in_range("preview_every", preview_every, 0, limits.max_steps)
     step_mode = str(raw.get("step_mode") or "fixed")
     if step_mode not in STEP_MODES:
         raise InvalidRequest("step_mode", f"'{step_mode}' is unknown; allowed: {', '.join(STEP_MODES)}")
 
     known = {"prompt", "negative_prompt", "height", "width", "steps", "guidance_scale", "seed", "scheduler",
-             "stream", "slo_ms", "priority", "min_steps", "step_mode"}
+             "stream", "slo_ms", "priority", "min_steps", "step_mode", "preview_every"}
     return GenerationParams(prompt=str(prompt), negative_prompt=str(negative), steps=steps,
                             guidance_scale=guidance, seed=seed, scheduler=scheduler,
                             stream=bool(raw.get("stream", False)), slo_ms=slo_ms, priority=priority,
-                            min_steps=min_steps, step_mode=step_mode,
+                            min_steps=min_steps, step_mode=step_mode, preview_every=preview_every,
                             extra={k: v for k, v in raw.items() if k not in known}, **size)

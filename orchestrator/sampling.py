@@ -58,3 +58,15 @@ def to_uint8_image(decoded: torch.Tensor) -> "torch.Tensor":
     """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
     image = (decoded / 2 + 0.5).clamp(0, 1)
     return (image.permute(1, 2, 0) * 255).round().to(torch.uint8)
+
+
+# Linear map from SD's 4 latent channels to RGB: a cheap preview with no VAE call (the widely used
+# approximation for SD 1.x/2.x latents). Rows: latent channels; columns: R, G, B.
+LATENT_RGB = torch.tensor([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173],
+                           [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]])
+
+
+def latent_preview(latents: torch.Tensor) -> torch.Tensor:
+    """(1, 4, h, w) latents -> (h, w, 3) uint8 preview at latent resolution."""
+    rgb = torch.einsum("chw,cr->hwr", latents[0, :4].float(), LATENT_RGB[: latents.shape[1]])
+    return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

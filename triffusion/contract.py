@@ -61,6 +61,7 @@ REQUEST_INPUTS = (
     TensorSpec("priority", "INT32", (1,)),  # 0..9, higher first under the edf and priority policies
     TensorSpec("min_steps", "INT32", (1,)),  # may serve fewer steps, down to this, to meet slo_ms
     TensorSpec("step_mode", "BYTES", (1,)),  # "fixed" (default) or "auto"
+    TensorSpec("preview_every", "INT32", (1,)),  # with stream: a low-resolution preview every N steps
 )
 # Final response: image (H, W, 3) uint8 and metadata JSON. Progress responses carry only
 # progress = [step, steps] (1-based step).
@@ -68,4 +69,5 @@ RESPONSE_OUTPUTS = (
     TensorSpec("image", "UINT8", (-1, -1, 3)),
     TensorSpec("metadata", "BYTES", (1,)),
     TensorSpec("progress", "INT32", (2,)),
+    TensorSpec("preview", "UINT8", (-1, -1, 3)),  # latent-resolution RGB approximation, streamed
 )

@@ -126,3 +126,13 @@ def test_wrong_dtype_and_shape_are_rejected_by_name(server, protocol):
         assert f"'{field}'" in str(info.value)
     ok = generate("a red bicycle", steps=2, url=server.url(protocol), protocol=protocol)
     assert json.loads(json.dumps(ok.metadata))["steps_done"] == 2
+
+
+def test_streamed_previews_every_n_steps(server):
+    previews = []
+    handle = start_stream_generation("a cat", height=128, width=64, steps=6, seed=4, preview_every=2,
+                                     url=server.grpc, on_preview=previews.append)
+    result = handle.result(timeout=120)
+    # Steps 2 and 4 (not the last: the final image follows), at latent resolution.
+    assert [p.shape for p in previews] == [(16, 8, 3), (16, 8, 3)] and previews[0].dtype == np.uint8
+    assert result.array.shape == (128, 64, 3)

@@ -40,6 +40,9 @@ class ResponseSink:
     def progress(self, step, steps):
         self.sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("progress", np.array([step, steps], np.int32))]))
 
+    def preview(self, image):
+        self.sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("preview", np.ascontiguousarray(image))]))
+
     def finish(self, image, metadata):
         self.sender.send(pb_utils.InferenceResponse([
             pb_utils.Tensor("image", np.ascontiguousarray(image)),

@@ -19,7 +19,7 @@ class TritonPythonModel:
     def initialize(self, args):
         import json
 
-        self.input_names = [i["name"] for i in json.loads(args["model_config"])["input"] if i["name"] != "stream"]
+        self.input_names = [i["name"] for i in json.loads(args["model_config"])["input"] if i["name"] not in ("stream", "preview_every")]
 
     def execute(self, requests):
         return [self._forward(request) for request in requests]
