@@ -21,6 +21,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--vocab", help="path to CLIP's bpe_simple_vocab_16e6.txt.gz")
     b.add_argument("--save-pipeline", type=Path, help="where to write the preset as a diffusers folder")
     b.add_argument("--no-profile", action="store_true", help="skip the latency profile that seeds admission")
+    b.add_argument("--target", choices=("embedded", "ngc"), default="embedded",
+                   help="embedded: python-backend components; ngc: TensorRT engines for the tensorrt backend")
+    b.add_argument("--sizes", default="", help="ngc: served image sizes, e.g. 512,768 (one engine profile each)")
+    b.add_argument("--max-unet-rows", type=int, default=16, help="ngc: largest UNet batch an engine accepts")
+    b.add_argument("--plan-only", action="store_true", help="ngc: write configs and the profile plan, build no engine")
     b.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the served components run (cuda: onnxruntime-gpu's CUDA provider)")
     return p
@@ -33,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         build(args.preset, args.model, args.out, seed=args.seed, force=args.force, save_pipeline_to=args.save_pipeline,
               vocab=args.vocab, fp16=args.fp16, profile=not args.no_profile,
-              device=args.device)
-    except (FileNotFoundError, ValueError) as exc:
+              device=args.device, target=args.target, max_unet_rows=args.max_unet_rows, plan_only=args.plan_only,
+              sizes=[int(x) for x in args.sizes.split(",") if x] or None)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
         raise SystemExit(f"error: {exc}") from None
     return 0
 

@@ -20,13 +20,15 @@ from .tokenizer import write_tokenizer
 ARTIFACTS = {name: f"{name}/1/model.onnx" for name in contract.COMPONENT_IO}
 
 
-def _fingerprint(preset, model, seed, fp16) -> dict:
+def _fingerprint(preset, model, seed, fp16, target="embedded", sizes=None, max_unet_rows=16) -> dict:
     import diffusers
     import onnx
     import torch
 
     return {"preset": preset, "model": str(Path(model).resolve()) if model and Path(model).exists() else model,
             "seed": seed if preset else None, "fp16": fp16,
+            "target": target, "sizes": sizes if target == "ngc" else None,
+            "max_unet_rows": max_unet_rows if target == "ngc" else None,
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "onnx": onnx.__version__}}
 
 
@@ -79,18 +81,43 @@ def _profile(out: Path, info: dict) -> None:
     (out / contract.ORCHESTRATOR / "1" / "profile.json").write_text(json.dumps(data, indent=1) + "\n")
 
 
+def _tensorrt_target(out: Path, info: dict, sizes: list[int], max_unet_rows: int, plan_only: bool, log) -> None:
+    """NGC target: TensorRT engines for the components (tensorrt backend), python orchestrator and proxy."""
+    from .tensorrt import ServingConfig, build_engine, plan_profiles, tensorrt_config
+
+    serving = ServingConfig(sizes=tuple((s, s) for s in sizes), max_unet_rows=max_unet_rows,
+                            opt_unet_rows=min(8, max_unet_rows), vae_scale=info["vae_scale_factor"],
+                            text_hidden=info["text_hidden_size"], latent_channels=info["latent_channels"])
+    info["limits"] = {**info["limits"], "sizes": [[s, s] for s in sizes], "min_size": min(sizes),
+                      "max_size": max(sizes), "default_height": sizes[0], "default_width": sizes[0]}
+    write_repository(out, info, device="cuda")
+    plan = {}
+    for component in contract.COMPONENT_IO:
+        profiles = plan_profiles(component, serving)
+        plan[component] = [p.shapes for p in profiles]
+        (out / component / "config.pbtxt").write_text(tensorrt_config(component, profiles))
+        (out / component / "1" / "model.py").unlink(missing_ok=True)
+        if not plan_only:
+            build_engine(out / ARTIFACTS[component], out / component / "1" / "model.plan", profiles,
+                         timing_cache=out / "timing.cache")
+            log(f"{component}: TensorRT engine built")
+    (out / "tensorrt_plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+
+
 def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force: bool = False,
           save_pipeline_to: Path | None = None, vocab: str | None = None, fp16: bool = False,
-          profile: bool = True, device: str = "cpu", log=print) -> dict:
+          profile: bool = True, device: str = "cpu", target: str = "embedded", sizes: list[int] | None = None,
+          max_unet_rows: int = 16, plan_only: bool = False, log=print) -> dict:
     """Export a preset (seeded random weights) or a checkpoint into a Triton model repository at `out`."""
     if bool(preset) == bool(model):
         raise SystemExit("pass exactly one of --preset NAME or --model PATH")
     out = Path(out)
-    fingerprint = _fingerprint(preset, model, seed, fp16)
+    fingerprint = _fingerprint(preset, model, seed, fp16, target, sizes, max_unet_rows)
     manifest = None if force else _up_to_date(out, fingerprint)
     if manifest is not None:
         log(f"{out}: up to date (export_manifest.json matches); --force rebuilds")
-        write_repository(out, manifest["pipeline"], device=device)
+        if target == "embedded":  # configs are cheap: rewrite them (the device may have changed)
+            write_repository(out, manifest["pipeline"], device=device)
         return manifest["pipeline"]
 
     started = time.perf_counter()
@@ -116,8 +143,11 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
             log(f"{component.name}: exported, max |onnx - torch| {error:.2e}")
     # 4. Repository around the artifacts, the manifest, and a profile that seeds the latency predictor.
     info = _pipeline_info(pipeline, preset or model, seed if preset else None, out)
-    write_repository(out, info, device=device)
-    if profile:
+    if target == "ngc":
+        _tensorrt_target(out, info, sizes or [info["limits"]["default_height"]], max_unet_rows, plan_only, log)
+    else:
+        write_repository(out, info, device=device)
+    if profile and target == "embedded":
         _profile(out, info)
     (out / "export_manifest.json").write_text(json.dumps({"fingerprint": fingerprint, "pipeline": info},
                                                          indent=2, sort_keys=True) + "\n")

@@ -39,6 +39,7 @@ class Limits:
     max_seed: int = 2**63 - 1
     max_slo_ms: int = 3_600_000
     max_priority: int = 9
+    sizes: tuple | None = None  # (height, width) pairs the engines were built for; None = any in range
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Limits":
@@ -46,6 +47,8 @@ class Limits:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown limits keys: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        if data.get("sizes") is not None:
+            data = {**data, "sizes": tuple(tuple(s) for s in data["sizes"])}
         return cls(**data)
 
     def to_dict(self) -> dict:
@@ -106,6 +109,10 @@ def parse_params(raw: Mapping[str, Any], limits: Limits, count_tokens) -> Genera
             raise InvalidRequest(name, f"{value} is not allowed; allowed multiples of {limits.size_multiple} "
                                        f"in {limits.min_size}..{limits.max_size}")
         size[name] = value
+    if limits.sizes is not None and (size["height"], size["width"]) not in limits.sizes:
+        served = ", ".join(f"{h}x{w}" for h, w in limits.sizes)
+        raise InvalidRequest("height", f"{size['height']}x{size['width']} (height x width) is not served; "
+                                       f"allowed: {served}")
 
     # 3. Sampling controls.
     steps = int(raw.get("steps", limits.default_steps))

@@ -46,3 +46,10 @@ def test_bad_field_is_named_with_its_range(raw, field, range_text):
 def test_unknown_limits_key_is_named():
     with pytest.raises(ValueError, match="max_sise"):
         Limits.from_dict({"max_sise": 3})
+
+
+def test_engine_sizes_restrict_resolutions_by_name():
+    limits = Limits.from_dict({"min_size": 64, "max_size": 512, "size_multiple": 16, "sizes": [[64, 64], [128, 128]]})
+    assert parse_params({"prompt": "a", "height": 128, "width": 128}, limits, count_words).height == 128
+    with pytest.raises(InvalidRequest, match=r"height: 64x128 \(height x width\) is not served; allowed: 64x64, 128x128"):
+        parse_params({"prompt": "a", "height": 64, "width": 128}, limits, count_words)
