@@ -34,7 +34,8 @@ def _config(preset: str, name: str) -> dict:
 
 def build_preset(preset: str, seed: int = 0) -> Pipeline:
     """The preset's architecture with seeded random weights: same seed, same weights."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if preset not in presets():
@@ -45,7 +46,8 @@ def build_preset(preset: str, seed: int = 0) -> Pipeline:
     unet = UNet2DConditionModel(**_config(preset, "unet"))
     torch.manual_seed(seed + 2)
     vae = AutoencoderKL(**_config(preset, "vae"))
-    scheduler = EulerDiscreteScheduler.from_config(_config(preset, "scheduler"))  # ignores keys Euler lacks
+    scheduler_class = json.loads((CONFIGS / preset / "scheduler.json").read_text())["_class_name"]
+    scheduler = getattr(diffusers, scheduler_class).from_config(_config(preset, "scheduler"))  # drops unknown keys
     return Pipeline(preset, text_encoder.eval(), unet.eval(), vae.eval(), scheduler, None)
 
 

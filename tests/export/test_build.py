@@ -78,7 +78,7 @@ def test_repository_has_every_model_and_a_profile(tiny_build):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--preset", "tyni"], "unknown preset 'tyni'; choose one of: sd15, tiny"),
+    (["--preset", "tyni"], "unknown preset 'tyni'; choose one of: sd-turbo, sd15, sd15-lite, sd15-small, sd21-base, tiny"),
     (["--model", "/no/such/folder"], "--model /no/such/folder: no such folder"),
     (["--model", "."], "not a diffusers folder (no model_index.json)"),
 ])

@@ -12,13 +12,28 @@ from triffusion.export.presets import CONFIGS, _config, presets
 from triffusion.runtime import OnnxRuntime, TorchRuntime
 
 
-def test_sd15_unet_has_the_real_parameter_count():
+@pytest.mark.parametrize("preset, unet_params, text_params", [
+    ("sd15", 859_520_964, 123_060_480),  # SD1.5: UNet and CLIP ViT-L/14 text
+    ("sd15-lite", 579_384_964, 123_060_480),  # one block pair per stage (BK-SDM-Base size)
+    ("sd15-small", 482_346_884, 123_060_480),  # ... and no mid block (BK-SDM-Small size)
+    ("sd21-base", 865_910_724, 340_387_840),  # SD2.1: UNet and OpenCLIP ViT-H/14 text
+    ("sd-turbo", 865_910_724, 340_387_840),  # SD2.1 architecture, distilled
+])
+def test_presets_have_the_real_parameter_counts(preset, unet_params, text_params):
     from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    with torch.device("meta"):  # shapes only: no 3.4 GB of weights on a CI machine
-        unet = UNet2DConditionModel(**_config("sd15", "unet"))
-    assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # SD1.5's UNet
-    assert "sd15" in presets() and "tiny" in presets()
+    with torch.device("meta"):  # shapes only: no GBs of weights on a CI machine
+        unet = UNet2DConditionModel(**_config(preset, "unet"))
+        text = CLIPTextModel(CLIPTextConfig(**_config(preset, "text_encoder")))
+    assert sum(p.numel() for p in unet.parameters()) == unet_params
+    assert sum(p.numel() for p in text.parameters()) == text_params
+    assert preset in presets()
+
+
+def test_turbo_uses_its_own_scheduler():
+    scheduler = json.loads((CONFIGS / "sd-turbo" / "scheduler.json").read_text())
+    assert scheduler["_class_name"] == "EulerAncestralDiscreteScheduler" and scheduler["timestep_spacing"] == "trailing"
 
 
 def test_preset_files_name_their_source():
