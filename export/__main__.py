@@ -21,6 +21,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--vocab", help="path to CLIP's bpe_simple_vocab_16e6.txt.gz")
     b.add_argument("--save-pipeline", type=Path, help="where to write the preset as a diffusers folder")
     b.add_argument("--no-profile", action="store_true", help="skip the latency profile that seeds admission")
+    b.add_argument("--unet-variant", action="append", default=[], metavar="PRESET",
+                   help="serve another UNet beside the base one as model unet_<preset> (repeatable)")
     b.add_argument("--target", choices=("embedded", "ngc"), default="embedded",
                    help="embedded: python-backend components; ngc: TensorRT engines for the tensorrt backend")
     b.add_argument("--sizes", default="", help="ngc: served image sizes, e.g. 512,768 (one engine profile each)")
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         build(args.preset, args.model, args.out, seed=args.seed, force=args.force, save_pipeline_to=args.save_pipeline,
               vocab=args.vocab, fp16=args.fp16, profile=not args.no_profile,
               device=args.device, target=args.target, max_unet_rows=args.max_unet_rows, plan_only=args.plan_only,
-              sizes=[int(x) for x in args.sizes.split(",") if x] or None)
+              sizes=[int(x) for x in args.sizes.split(",") if x] or None, unet_variants=tuple(args.unet_variant))
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         raise SystemExit(f"error: {exc}") from None
     return 0

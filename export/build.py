@@ -13,21 +13,21 @@ from pathlib import Path
 from triffusion import contract
 
 from .onnx_export import TextEncoderComponent, UNetComponent, VaeDecoderComponent, check_parity, export_component, file_sha256
-from .presets import Pipeline, build_preset, load_pipeline, save_pipeline
+from .presets import Pipeline, build_preset, build_unet_variant, load_pipeline, save_pipeline, variant_model_name
 from .repository import write_repository
 from .tokenizer import write_tokenizer
 
 ARTIFACTS = {name: f"{name}/1/model.onnx" for name in contract.COMPONENT_IO}
 
 
-def _fingerprint(preset, model, seed, fp16, target="embedded", sizes=None, max_unet_rows=16) -> dict:
+def _fingerprint(preset, model, seed, fp16, target="embedded", sizes=None, max_unet_rows=16, variants=()) -> dict:
     import diffusers
     import onnx
     import torch
 
     return {"preset": preset, "model": str(Path(model).resolve()) if model and Path(model).exists() else model,
             "seed": seed if preset else None, "fp16": fp16,
-            "target": target, "sizes": sizes if target == "ngc" else None,
+            "target": target, "sizes": sizes if target == "ngc" else None, "unet_variants": list(variants),
             "max_unet_rows": max_unet_rows if target == "ngc" else None,
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "onnx": onnx.__version__}}
 
@@ -39,9 +39,9 @@ def _up_to_date(out: Path, fingerprint: dict) -> dict | None:
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("fingerprint") != fingerprint:
         return None
-    for name, rel in ARTIFACTS.items():
+    for name, rel in manifest["pipeline"]["artifacts"].items():
         path = out / rel
-        if not path.exists() or file_sha256(path) != manifest["pipeline"]["sha256"][name]:
+        if not path.exists() or file_sha256(path) != manifest["pipeline"]["sha256"].get(name):
             return None
     return manifest
 
@@ -92,14 +92,15 @@ def _tensorrt_target(out: Path, info: dict, sizes: list[int], max_unet_rows: int
                       "max_size": max(sizes), "default_height": sizes[0], "default_width": sizes[0]}
     write_repository(out, info, device="cuda")
     plan = {}
-    for component in contract.COMPONENT_IO:
-        profiles = plan_profiles(component, serving)
+    unets = set(info.get("unets", {}).values())
+    for component, rel in info["artifacts"].items():
+        kind = contract.UNET if component in unets else component
+        profiles = plan_profiles(kind, serving)
         plan[component] = [p.shapes for p in profiles]
-        (out / component / "config.pbtxt").write_text(tensorrt_config(component, profiles))
+        (out / component / "config.pbtxt").write_text(tensorrt_config(kind, profiles, name=component))
         (out / component / "1" / "model.py").unlink(missing_ok=True)
         if not plan_only:
-            build_engine(out / ARTIFACTS[component], out / component / "1" / "model.plan", profiles,
-                         timing_cache=out / "timing.cache")
+            build_engine(out / rel, out / component / "1" / "model.plan", profiles, timing_cache=out / "timing.cache")
             log(f"{component}: TensorRT engine built")
     (out / "tensorrt_plan.json").write_text(json.dumps(plan, indent=1) + "\n")
 
@@ -107,12 +108,12 @@ def _tensorrt_target(out: Path, info: dict, sizes: list[int], max_unet_rows: int
 def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force: bool = False,
           save_pipeline_to: Path | None = None, vocab: str | None = None, fp16: bool = False,
           profile: bool = True, device: str = "cpu", target: str = "embedded", sizes: list[int] | None = None,
-          max_unet_rows: int = 16, plan_only: bool = False, log=print) -> dict:
+          max_unet_rows: int = 16, plan_only: bool = False, unet_variants: tuple[str, ...] = (), log=print) -> dict:
     """Export a preset (seeded random weights) or a checkpoint into a Triton model repository at `out`."""
     if bool(preset) == bool(model):
         raise SystemExit("pass exactly one of --preset NAME or --model PATH")
     out = Path(out)
-    fingerprint = _fingerprint(preset, model, seed, fp16, target, sizes, max_unet_rows)
+    fingerprint = _fingerprint(preset, model, seed, fp16, target, sizes, max_unet_rows, unet_variants)
     manifest = None if force else _up_to_date(out, fingerprint)
     if manifest is not None:
         log(f"{out}: up to date (export_manifest.json matches); --force rebuilds")
@@ -135,14 +136,23 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
     latent = pipeline.unet.config.sample_size
     multiple = 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
     other = max(multiple, (latent // 2) // multiple * multiple)
-    for component in (TextEncoderComponent(pipeline.text_encoder), UNetComponent(pipeline.unet),
-                      VaeDecoderComponent(pipeline.vae)):
-        path = export_component(component, out / ARTIFACTS[component.name], (latent, latent), fp16=fp16)
+    exports = [(TextEncoderComponent(pipeline.text_encoder), ARTIFACTS[contract.TEXT_ENCODER]),
+               (UNetComponent(pipeline.unet), ARTIFACTS[contract.UNET]),
+               (VaeDecoderComponent(pipeline.vae), ARTIFACTS[contract.VAE_DECODER])]
+    # Further UNets (e.g. a light cascade partner) are Triton models of their own: unet_<preset>.
+    variants = {variant: variant_model_name(variant) for variant in unet_variants}
+    for variant, name in variants.items():
+        exports.append((UNetComponent(build_unet_variant(variant, pipeline, seed)), f"{name}/1/model.onnx"))
+    for component, rel in exports:
+        path = export_component(component, out / rel, (latent, latent), fp16=fp16)
         if not fp16:  # fp16 graphs are checked on the GPU host, where fp16 kernels exist
             error = check_parity(component, path, [(2, (latent, latent)), (1, (other, 2 * other))])
-            log(f"{component.name}: exported, max |onnx - torch| {error:.2e}")
+            log(f"{rel.split('/')[0]}: exported, max |onnx - torch| {error:.2e}")
     # 4. Repository around the artifacts, the manifest, and a profile that seeds the latency predictor.
     info = _pipeline_info(pipeline, preset or model, seed if preset else None, out)
+    info["unets"] = {"default": contract.UNET, **variants}
+    info["artifacts"].update({name: f"{name}/1/model.onnx" for name in variants.values()})
+    info["sha256"] = {name: file_sha256(out / rel) for name, rel in info["artifacts"].items()}
     if target == "ngc":
         _tensorrt_target(out, info, sizes or [info["limits"]["default_height"]], max_unet_rows, plan_only, log)
     else:

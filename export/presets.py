@@ -51,6 +51,25 @@ def build_preset(preset: str, seed: int = 0) -> Pipeline:
     return Pipeline(preset, text_encoder.eval(), unet.eval(), vae.eval(), scheduler, None)
 
 
+def build_unet_variant(preset: str, base: Pipeline, seed: int = 0) -> torch.nn.Module:
+    """A second UNet served beside `base` (same text encoder and VAE), e.g. a block-removed light model."""
+    from diffusers import UNet2DConditionModel
+
+    if preset not in presets():
+        raise SystemExit(f"unknown --unet-variant '{preset}'; choose one of: {', '.join(presets())}")
+    config = _config(preset, "unet")
+    for key in ("cross_attention_dim", "in_channels", "out_channels"):
+        if config.get(key) != base.unet.config[key]:
+            raise SystemExit(f"--unet-variant {preset}: {key} {config.get(key)} does not match the base model's "
+                             f"{base.unet.config[key]}; a variant must share the text encoder and VAE")
+    torch.manual_seed(seed + 1)
+    return UNet2DConditionModel(**config).eval()
+
+
+def variant_model_name(preset: str) -> str:
+    return "unet_" + preset.replace("-", "_")
+
+
 def load_pipeline(model: str) -> Pipeline:
     """A real checkpoint: a local diffusers folder, or a hub id on a machine that reaches the hub."""
     from diffusers import StableDiffusionPipeline

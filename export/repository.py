@@ -59,7 +59,8 @@ def text_to_image_config(instances: int) -> str:
 
 
 def default_limits(pipeline: dict) -> dict:
-    limits = {"size_multiple": pipeline["vae_scale_factor"] * pipeline.get("latent_multiple", 1)}
+    limits = {"size_multiple": pipeline["vae_scale_factor"] * pipeline.get("latent_multiple", 1),
+              "unets": sorted(pipeline.get("unets", {"default": contract.UNET}))}
     limits.update(pipeline.get("limits", {}))
     return limits
 
@@ -73,7 +74,9 @@ def write_repository(out_dir: Path, pipeline: dict, *, runtime: str = "onnxrunti
                      orchestrator: dict | None = None, unary_instances: int = 4) -> Path:
     """Write configs and adapters around the artifacts already in `out_dir` (ONNX files, tokenizer)."""
     out_dir = Path(out_dir)
-    for name, io in contract.COMPONENT_IO.items():
+    components = dict(contract.COMPONENT_IO)
+    components.update({name: contract.UNET_IO for name in pipeline.get("unets", {}).values()})
+    for name, io in components.items():
         artifact = Path(pipeline["artifacts"][name]).name
         (out_dir / name).mkdir(parents=True, exist_ok=True)
         (out_dir / name / "config.pbtxt").write_text(

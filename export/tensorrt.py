@@ -86,7 +86,7 @@ def check_shapes(component: str, profiles: list[Profile], shapes: dict[str, tupl
                           "add the resolution or batch to the serving config and rebuild the engine")
 
 
-def tensorrt_config(component: str, profiles: list[Profile], instances: int = 1) -> str:
+def tensorrt_config(component: str, profiles: list[Profile], instances: int = 1, name: str | None = None) -> str:
     """config.pbtxt for Triton's TensorRT backend; dims dynamic, the engine's profiles bound them."""
     inputs, outputs = contract.COMPONENT_IO[component]
 
@@ -96,7 +96,7 @@ def tensorrt_config(component: str, profiles: list[Profile], instances: int = 1)
         return f"{kind} [\n" + ",\n".join(rows) + "\n]\n"
 
     profile_names = ", ".join(f'"{i}"' for i in range(len(profiles)))
-    return (f'name: "{component}"\nplatform: "tensorrt_plan"\nmax_batch_size: 0\n'
+    return (f'name: "{name or component}"\nplatform: "tensorrt_plan"\nmax_batch_size: 0\n'
             + block("input", inputs) + block("output", outputs)
             + f"instance_group [ {{ count: {instances} kind: KIND_GPU profile: [ {profile_names} ] }} ]\n")
 

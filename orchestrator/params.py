@@ -40,6 +40,7 @@ class Limits:
     max_slo_ms: int = 3_600_000
     max_priority: int = 9
     sizes: tuple | None = None  # (height, width) pairs the engines were built for; None = any in range
+    unets: tuple = ("default",)  # UNet variants served: "default" and the presets exported beside it
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Limits":
@@ -49,6 +50,8 @@ class Limits:
             raise ValueError(f"unknown limits keys: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
         if data.get("sizes") is not None:
             data = {**data, "sizes": tuple(tuple(s) for s in data["sizes"])}
+        if "unets" in data:
+            data = {**data, "unets": tuple(data["unets"])}
         return cls(**data)
 
     def to_dict(self) -> dict:
@@ -71,6 +74,7 @@ class GenerationParams:
     min_steps: int | None = None  # allows serving fewer steps (down to this) to meet slo_ms
     step_mode: str = "fixed"  # "auto": the server picks the step count (up to `steps`) that meets slo_ms
     preview_every: int = 0  # with stream: a low-resolution preview every this many steps (0 = none)
+    unet: str = "default"  # UNet variant
     extra: dict = field(default_factory=dict)
 
     @property
@@ -141,14 +145,17 @@ def parse_params(raw: Mapping[str, Any], limits: Limits, count_tokens) -> Genera
         _in_range("min_steps", min_steps, limits.min_steps, steps)
     preview_every = int(raw.get("preview_every", 0))
     _in_range("preview_every", preview_every, 0, limits.max_steps)
+    unet = str(raw.get("unet") or "default")
+    if unet not in limits.unets:
+        raise InvalidRequest("unet", f"'{unet}' is not served; allowed: {', '.join(limits.unets)}")
     step_mode = str(raw.get("step_mode") or "fixed")
     if step_mode not in STEP_MODES:
         raise InvalidRequest("step_mode", f"'{step_mode}' is unknown; allowed: {', '.join(STEP_MODES)}")
 
     known = {"prompt", "negative_prompt", "height", "width", "steps", "guidance_scale", "seed", "scheduler",
-             "stream", "slo_ms", "priority", "min_steps", "step_mode", "preview_every"}
+             "stream", "slo_ms", "priority", "min_steps", "step_mode", "preview_every", "unet"}
     return GenerationParams(prompt=str(prompt), negative_prompt=str(negative), steps=steps,
                             guidance_scale=guidance, seed=seed, scheduler=scheduler,
                             stream=bool(raw.get("stream", False)), slo_ms=slo_ms, priority=priority,
-                            min_steps=min_steps, step_mode=step_mode, preview_every=preview_every,
+                            min_steps=min_steps, step_mode=step_mode, preview_every=preview_every, unet=unet,
                             extra={k: v for k, v in raw.items() if k not in known}, **size)

@@ -17,8 +17,8 @@ MAX_ACTIVE = 4
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory):
     out = tmp_path_factory.mktemp("repo") / "model_repository"
-    subprocess.run([sys.executable, "-m", "triffusion.export", "build", "--preset", "tiny", "--out", str(out)],
-                   check=True)
+    subprocess.run([sys.executable, "-m", "triffusion.export", "build", "--preset", "tiny", "--out", str(out),
+                    "--unet-variant", "tiny-lite"], check=True)
     return out
 
 

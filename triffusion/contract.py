@@ -62,6 +62,7 @@ REQUEST_INPUTS = (
     TensorSpec("min_steps", "INT32", (1,)),  # may serve fewer steps, down to this, to meet slo_ms
     TensorSpec("step_mode", "BYTES", (1,)),  # "fixed" (default) or "auto"
     TensorSpec("preview_every", "INT32", (1,)),  # with stream: a low-resolution preview every N steps
+    TensorSpec("unet", "BYTES", (1,)),  # which served UNet variant: "default" or a preset named at export
 )
 # Final response: image (H, W, 3) uint8 and metadata JSON. Progress responses carry only
 # progress = [step, steps] (1-based step).

@@ -84,6 +84,7 @@ BAD_INPUTS = [
     ({"steps": 1000}, "steps", "1..100"),
     ({"guidance_scale": 50.0}, "guidance_scale", "0.0..20.0"),
     ({"scheduler": "warp_drive"}, "scheduler", "ddim, euler"),
+    ({"unet": "huge"}, "unet", "allowed: default, tiny-lite"),
 ]
 
 
@@ -136,3 +137,10 @@ def test_streamed_previews_every_n_steps(server):
     # Steps 2 and 4 (not the last: the final image follows), at latent resolution.
     assert [p.shape for p in previews] == [(16, 8, 3), (16, 8, 3)] and previews[0].dtype == np.uint8
     assert result.array.shape == (128, 64, 3)
+
+
+def test_unet_variant_is_its_own_model_and_reported(server):
+    base = generate("a fox", steps=3, seed=9, url=server.grpc)
+    light = generate("a fox", steps=3, seed=9, unet="tiny-lite", url=server.grpc)
+    assert (base.metadata["unet"], light.metadata["unet"]) == ("unet", "unet_tiny_lite")
+    assert base.array.tobytes() != light.array.tobytes()

@@ -75,6 +75,7 @@ class TritonPythonModel:
         pipeline = json.loads((version_dir / "pipeline.json").read_text())
         self.limits = Limits.from_dict(pipeline.get("limits", {}))
         self.tokenizer = PromptTokenizer(version_dir / "tokenizer")
+        self.unets = pipeline.get("unets", {"default": "unet"})  # variant -> Triton model name
         spec = PipelineSpec(model=pipeline["model"], scheduler_config=pipeline["scheduler_config"],
                             latent_channels=pipeline["latent_channels"], vae_scale_factor=pipeline["vae_scale_factor"],
                             vae_scaling_factor=pipeline["vae_scaling_factor"])
@@ -103,9 +104,10 @@ class TritonPythonModel:
             return TritonExecutor()
         if mode != "inprocess":
             raise pb_utils.TritonModelException(f"unet_executor '{mode}' is unknown; choose bls or inprocess")
-        unet = create_runtime(params.get("runtime", "onnxruntime"), repository / pipeline["artifacts"]["unet"],
-                              device=params.get("device", "cpu"))
-        return InProcessUNetExecutor({"unet": unet})
+        unets = {name: create_runtime(params.get("runtime", "onnxruntime"), repository / pipeline["artifacts"][name],
+                                      device=params.get("device", "cpu"))
+                 for name in pipeline.get("unets", {"default": "unet"}).values()}
+        return InProcessUNetExecutor(unets)
 
     def execute(self, requests):
         for request in requests:
@@ -116,7 +118,8 @@ class TritonPythonModel:
                 self.counter += 1
                 state = RequestState(request_id=request.request_id() or f"req-{self.counter}", params=params, sink=sink,
                                      input_ids=self.tokenizer.input_ids(params.prompt, params.negative_prompt,
-                                                                        params.uses_cfg))
+                                                                        params.uses_cfg),
+                                     model=self.unets[params.unet])
                 self.engine.submit(state)
             except InvalidRequest as exc:
                 sink.send_error("INVALID_ARG", str(exc))
