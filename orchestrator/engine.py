@@ -16,6 +16,7 @@ import torch
 from .executor import Executor
 from .request import RequestState, Status
 from .sampling import Sampler, latent_preview, to_uint8_image
+from .stepping import EntropyStop
 from .scheduler import Plan, StepScheduler
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,11 @@ class Observer:
 
 class Engine:
     def __init__(self, executor: Executor, spec: PipelineSpec, scheduler: StepScheduler | None = None,
-                 clock=time.monotonic, observer: Observer | None = None, pipelined: bool = True):
+                 clock=time.monotonic, observer: Observer | None = None, pipelined: bool = True,
+                 entropy: dict[str, dict] | None = None):
         self.executor, self.spec, self.clock = executor, spec, clock
         self.pipelined = pipelined
+        self.entropy = entropy or {}  # model -> EntropyStop thresholds (step_mode "auto")
         self._side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triffusion-side")
         self.scheduler = scheduler or StepScheduler()
         self.predictor = self.scheduler.predictor
@@ -159,6 +162,8 @@ class Engine:
             state.sampler = Sampler(state.params, self.spec.scheduler_config,
                                     (self.spec.latent_channels, *h_w(state)))
             state.steps_target = state.sampler.total
+            if state.params.step_mode == "auto":
+                state.stopper = EntropyStop(**self.entropy.get(state.model, {}))
             state.enter(Status.DENOISING, self.clock())
 
     def _denoise(self, states: list[RequestState]) -> None:
@@ -198,8 +203,16 @@ class Engine:
 
     def _advance(self, states: list[RequestState], noise: list[torch.Tensor]) -> None:
         for state, prediction in zip(states, noise):
-            state.sampler.step(state.steps_done, prediction)
-            state.steps_done += 1
+            if state.last_step_pending:  # one last step: this evaluation lands on the clean sample
+                state.sampler.last_step(state.steps_done, prediction)
+                state.steps_done += 1
+                state.steps_target = state.steps_done
+            else:
+                state.sampler.step(state.steps_done, prediction)
+                state.steps_done += 1
+                if (state.stopper is not None and state.steps_done < state.steps_target - 1
+                        and state.stopper.observe(state.sampler.latents, state.steps_done, state.steps_target)):
+                    state.last_step_pending = True
             if state.params.stream:
                 state.sink.progress(state.steps_done, state.steps_target)
                 every = state.params.preview_every
@@ -248,6 +261,7 @@ class Engine:
             "seed": p.seed,
             "steps": p.steps,
             "steps_done": state.steps_done,
+            "early_stop": state.last_step_pending,
             "scheduler": p.scheduler,
             "guidance_scale": p.guidance_scale,
             "height": p.height,

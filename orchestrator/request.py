@@ -54,6 +54,8 @@ class RequestState:
     arrival: float = 0.0  # clock time of submission
     seq: int = 0  # submission order, the tie-breaker of every policy
     degraded_from: int | None = None  # requested steps when admission served fewer
+    stopper: Any = None  # step_mode "auto": decides when the latent has settled
+    last_step_pending: bool = False  # the next evaluation jumps to the clean sample
 
     @property
     def deadline(self) -> float | None:

@@ -20,6 +20,11 @@ SCHEDULER_CLASSES = {
 }
 
 
+# Schedulers whose latents are x0 + sigma * eps (k-diffusion form); the rest use the variance-preserving
+# form sqrt(alpha) * x0 + sqrt(1 - alpha) * eps.
+K_DIFFUSION = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler)
+
+
 class Sampler:
     """One request's sampling state; `step` advances it by one UNet evaluation."""
 
@@ -45,6 +50,19 @@ class Sampler:
         sample = self.scheduler.scale_model_input(self.latents, t)
         rows = 2 if self.cfg else 1
         return sample.repeat(rows, 1, 1, 1), t.float().repeat(rows)
+
+    def last_step(self, index: int, noise_pred: torch.Tensor) -> None:
+        """One last step: from evaluation `index` straight to the clean sample (x0), so an early stop still
+        ends fully denoised. Euler-family schedulers keep sigmas; the others, alphas_cumprod."""
+        if self.cfg:
+            uncond, cond = noise_pred.chunk(2)
+            noise_pred = uncond + self.guidance_scale * (cond - uncond)
+        scheduler = self.scheduler
+        if isinstance(scheduler, K_DIFFUSION):  # latents carry noise of std sigma: x0 = x - sigma * eps
+            self.latents = self.latents - scheduler.sigmas[index] * noise_pred
+        else:
+            alpha = scheduler.alphas_cumprod[int(self.timesteps[index])]
+            self.latents = (self.latents - (1 - alpha).sqrt() * noise_pred) / alpha.sqrt()
 
     def step(self, index: int, noise_pred: torch.Tensor) -> None:
         if self.cfg:

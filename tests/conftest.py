@@ -28,7 +28,10 @@ def server(tiny_repository):
 
     pipeline = json.loads((tiny_repository / "orchestrator" / "1" / "pipeline.json").read_text())
     # Few slots make slot release observable: a request beyond them only runs once one is free.
-    write_repository(tiny_repository, pipeline, orchestrator={"max_active": MAX_ACTIVE, "max_queue": 32})
+    # An entropy threshold above any possible change (64 bins: at most 6 bits) makes step_mode=auto stop
+    # exactly at its minimum fraction, so the plumbing is testable; the policy has its own unit tests.
+    write_repository(tiny_repository, pipeline, orchestrator={"max_active": MAX_ACTIVE, "max_queue": 32,
+                                                              "entropy_threshold": 8.0, "entropy_min_fraction": 0.4})
     ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
     with TritonServer(tiny_repository, **ports) as srv:
         srv.wait_ready(timeout_s=180)

@@ -55,3 +55,12 @@ def test_metrics_report_outcomes_batches_and_stages(server):
     for name in ("triffusion_queue_depth", "triffusion_unet_batch_rows_bucket", "triffusion_stage_seconds_count",
                  'triffusion_requests_total{outcome="rejected"}'):
         assert name in text
+
+
+def test_auto_steps_report_the_steps_used(server):
+    auto = generate("a red bicycle", steps=30, step_mode="auto", seed=3, url=server.grpc)
+    fixed = generate("a red bicycle", steps=30, seed=3, url=server.grpc)
+    # Stops at 40% of 30 = 12 steps, then one last step to the clean sample.
+    assert (auto.metadata["steps_done"], auto.metadata["early_stop"]) == (13, True)
+    assert (fixed.metadata["steps_done"], fixed.metadata["early_stop"]) == (30, False)
+    assert auto.metadata["unet"] == "unet" and auto.array.shape == (64, 64, 3)

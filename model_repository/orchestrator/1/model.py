@@ -91,8 +91,12 @@ class TritonPythonModel:
                                   latent_scale=spec.vae_scale_factor)
         kinds = pb_utils.MetricFamily
         observer = MetricsObserver(kinds, kinds.COUNTER, kinds.GAUGE, kinds.HISTOGRAM)
+        # step_mode "auto": entropy early-stop thresholds, the same for every served UNet here.
+        entropy = {k: float(params[f"entropy_{k}"]) for k in ("threshold", "min_fraction") if f"entropy_{k}" in params}
+        if "entropy_patience" in params:
+            entropy["patience"] = int(params["entropy_patience"])
         self.engine = Engine(self._executor(params, Path(args["model_repository"]).parent, pipeline), spec, scheduler,
-                             observer=observer)
+                             observer=observer, entropy={name: entropy for name in self.unets.values()})
         self.engine.start()
         self.counter = 0
 
