@@ -16,8 +16,8 @@ import torch
 from .executor import Executor
 from .request import RequestState, Status
 from .sampling import Sampler, latent_preview, to_uint8_image
-from .stepping import EntropyStop
 from .scheduler import Plan, StepScheduler
+from .stepping import EntropyStop
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,6 @@ class Engine:
             self.observer.queue_depth(self.scheduler.queue_depth)
             self._cv.notify()
 
-    def wake(self) -> None:
-        """Re-check cancellations now (e.g. a client went away while the engine idles)."""
-        with self._cv:
-            self._cv.notify()
-
     # ---- loop ------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="triffusion-engine", daemon=True)
@@ -117,7 +112,7 @@ class Engine:
         # on the side thread while this thread drives the UNet steps of the others. The three sets of
         # requests are disjoint, so no request state is touched from two threads at once.
         side = None
-        if self.pipelined and (plan.encode or plan.decode) and plan.denoise:
+        if self.pipelined and (plan.encode or plan.decode) and (plan.denoise or plan.patched):
             side = self._side.submit(self._side_stages, plan)
         else:
             self._side_stages(plan)

@@ -9,14 +9,11 @@ import triton_python_backend_utils as pb_utils
 
 from triffusion.bls import InProcessUNetExecutor, TritonExecutor
 from triffusion.runtime import create_runtime
-from triffusion.orchestrator.engine import Engine, PipelineSpec
+from triffusion.orchestrator.config import build_engine, check_parameters, unets_of
 from triffusion.orchestrator.metrics import MetricsObserver
-from triffusion.orchestrator.params import InvalidRequest, Limits, parse_params
-from triffusion.orchestrator.patches import PatchGrid
-from triffusion.orchestrator.policies import create_policy
-from triffusion.orchestrator.predictor import LatencyPredictor
+from triffusion.orchestrator.params import InvalidRequest, parse_params
 from triffusion.orchestrator.request import RequestState, Status
-from triffusion.orchestrator.scheduler import QueueFull, Rejected, StepScheduler
+from triffusion.orchestrator.scheduler import QueueFull, Rejected
 from triffusion.orchestrator.text import PromptTokenizer
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -70,48 +67,29 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.input_names = [i["name"] for i in config["input"]]
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = check_parameters({k: v["string_value"] for k, v in config.get("parameters", {}).items()})
         version_dir = Path(args["model_repository"]) / args["model_version"]
         pipeline = json.loads((version_dir / "pipeline.json").read_text())
-        self.limits = Limits.from_dict(pipeline.get("limits", {}))
+        profile_path = version_dir / "profile.json"
+        profile = json.loads(profile_path.read_text()) if profile_path.exists() else None
         self.tokenizer = PromptTokenizer(version_dir / "tokenizer")
-        self.unets = pipeline.get("unets", {"default": "unet"})  # variant -> Triton model name
-        spec = PipelineSpec(model=pipeline["model"], scheduler_config=pipeline["scheduler_config"],
-                            latent_channels=pipeline["latent_channels"], vae_scale_factor=pipeline["vae_scale_factor"],
-                            vae_scaling_factor=pipeline["vae_scaling_factor"])
-        predictor = LatencyPredictor()
-        if (version_dir / "profile.json").exists():  # measured at export; refined online
-            predictor.seed(json.loads((version_dir / "profile.json").read_text()))
-        scheduler = StepScheduler(max_active=int(params.get("max_active", "8")),
-                                  max_queue=int(params.get("max_queue", "64")),
-                                  max_batch=int(params.get("max_batch", "16")),
-                                  policy=create_policy(params.get("policy", "edf")), predictor=predictor,
-                                  hybrid=params.get("hybrid", "bucket"),
-                                  patch_grid=PatchGrid(int(params.get("patch", "8")), int(params.get("halo", "4"))),
-                                  latent_scale=spec.vae_scale_factor)
+        self.unets = unets_of(pipeline)
         kinds = pb_utils.MetricFamily
         observer = MetricsObserver(kinds, kinds.COUNTER, kinds.GAUGE, kinds.HISTOGRAM)
-        # step_mode "auto": entropy early-stop thresholds, the same for every served UNet here.
-        entropy = {k: float(params[f"entropy_{k}"]) for k in ("threshold", "min_fraction") if f"entropy_{k}" in params}
-        if "entropy_patience" in params:
-            entropy["patience"] = int(params["entropy_patience"])
-        self.engine = Engine(self._executor(params, Path(args["model_repository"]).parent, pipeline), spec, scheduler,
-                             observer=observer, entropy={name: entropy for name in self.unets.values()})
+        executor = self._executor(params, Path(args["model_repository"]).parent, pipeline)
+        self.engine, self.limits = build_engine(params, pipeline, executor, profile=profile, observer=observer)
         self.engine.start()
         self.counter = 0
 
-    @staticmethod
-    def _executor(params, repository, pipeline):
+    def _executor(self, params, repository, pipeline):
         """`unet_executor`: "bls" (UNet is its own Triton model) or "inprocess" (UNet runs here)."""
-        mode = params.get("unet_executor", "bls")
-        if mode == "bls":
+        if params["unet_executor"] == "bls":
             return TritonExecutor()
-        if mode != "inprocess":
-            raise pb_utils.TritonModelException(f"unet_executor '{mode}' is unknown; choose bls or inprocess")
-        unets = {name: create_runtime(params.get("runtime", "onnxruntime"), repository / pipeline["artifacts"][name],
-                                      device=params.get("device", "cpu"))
-                 for name in pipeline.get("unets", {"default": "unet"}).values()}
-        return InProcessUNetExecutor(unets)
+        if params["unet_executor"] != "inprocess":
+            raise ValueError(f"unet_executor '{params['unet_executor']}' is unknown; choose bls or inprocess")
+        return InProcessUNetExecutor({name: create_runtime(params["runtime"], repository / pipeline["artifacts"][name],
+                                                           device=params["device"])
+                                      for name in self.unets.values()})
 
     def execute(self, requests):
         for request in requests:

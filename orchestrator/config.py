@@ -1,0 +1,52 @@
+"""The orchestrator's config.pbtxt parameters -> a ready engine. Plain Python, so a bad parameter fails
+at model load with its name, and the Triton adapter stays thin."""
+
+from __future__ import annotations
+
+from .engine import Engine, Observer, PipelineSpec
+from .params import Limits
+from .patches import PatchGrid
+from .policies import create_policy
+from .predictor import LatencyPredictor
+from .scheduler import StepScheduler
+
+DEFAULTS = {"max_active": "8", "max_queue": "64", "max_batch": "16", "policy": "edf", "hybrid": "bucket",
+            "patch": "8", "halo": "4", "unet_executor": "bls", "runtime": "onnxruntime", "device": "cpu"}
+ENTROPY = {"entropy_threshold": float, "entropy_patience": int, "entropy_min_fraction": float}
+
+
+def check_parameters(params: dict[str, str]) -> dict[str, str]:
+    unknown = set(params) - set(DEFAULTS) - set(ENTROPY)
+    if unknown:
+        raise ValueError(f"unknown orchestrator parameter(s): {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(sorted(set(DEFAULTS) | set(ENTROPY)))}")
+    return {**DEFAULTS, **params}
+
+
+def spec_of(pipeline: dict) -> PipelineSpec:
+    return PipelineSpec(model=pipeline["model"], scheduler_config=pipeline["scheduler_config"],
+                        latent_channels=pipeline["latent_channels"], vae_scale_factor=pipeline["vae_scale_factor"],
+                        vae_scaling_factor=pipeline["vae_scaling_factor"])
+
+
+def unets_of(pipeline: dict) -> dict[str, str]:
+    """Request-facing UNet variant -> Triton model name."""
+    return pipeline.get("unets", {"default": "unet"})
+
+
+def build_engine(params: dict[str, str], pipeline: dict, executor, *, profile: dict | None = None,
+                 observer: Observer | None = None) -> tuple[Engine, Limits]:
+    params = check_parameters(params)
+    spec = spec_of(pipeline)
+    predictor = LatencyPredictor()
+    if profile:  # measured at export; refined online from every call
+        predictor.seed(profile)
+    scheduler = StepScheduler(max_active=int(params["max_active"]), max_queue=int(params["max_queue"]),
+                              max_batch=int(params["max_batch"]), policy=create_policy(params["policy"]),
+                              predictor=predictor, hybrid=params["hybrid"],
+                              patch_grid=PatchGrid(int(params["patch"]), int(params["halo"])),
+                              latent_scale=spec.vae_scale_factor)
+    entropy = {key.removeprefix("entropy_"): cast(params[key]) for key, cast in ENTROPY.items() if key in params}
+    engine = Engine(executor, spec, scheduler, observer=observer,
+                    entropy={name: entropy for name in unets_of(pipeline).values()})
+    return engine, Limits.from_dict(pipeline.get("limits", {}))
