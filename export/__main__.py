@@ -14,6 +14,8 @@ def parser() -> argparse.ArgumentParser:
     src = b.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", help="architecture preset built with seeded random weights (e.g. tiny)")
     src.add_argument("--model", help="local diffusers folder, or a hub id on a machine that reaches the hub")
+    src.add_argument("--registry", type=Path, help="model registry YAML (with --family): the family's variants")
+    b.add_argument("--family", help="with --registry: which family to export")
     b.add_argument("--out", required=True, type=Path, help="model repository to write")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--force", action="store_true", help="rebuild even when the manifest matches")
@@ -33,16 +35,40 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def from_registry(path: Path, family: str | None):
+    """(preset, model, light variants, registry section) for one family of a registry file."""
+    from triffusion.orchestrator.registry import load_registry
+
+    from .presets import presets
+
+    registry = load_registry(path, set(presets()))
+    if family not in registry.families:
+        raise SystemExit(f"--family {family}: not in {path}; families: {', '.join(registry.families)}")
+    fam = registry.families[family]
+    base = fam.variants[fam.default]
+    others = [v for name, v in fam.variants.items() if name != fam.default]
+    if any(v.model for v in others):
+        raise SystemExit(f"{path}: families.{family}: extra variants must be presets for now (checkpoint "
+                         "variants are not exported yet)")
+    section = {"family": family, "default": fam.default, "variants": {n: v.preset or v.model for n, v in fam.variants.items()},
+               "cascade": fam.cascade, "styles": list(fam.styles), "entropy": fam.entropy,
+               "slo_classes": registry.slo_classes}
+    return base.preset, base.model, tuple(v.preset for v in others), section
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from .build import build
 
     try:
-        build(args.preset, args.model, args.out, seed=args.seed, force=args.force, save_pipeline_to=args.save_pipeline,
+        preset, model, variants, registry = args.preset, args.model, tuple(args.unet_variant), None
+        if args.registry:
+            preset, model, variants, registry = from_registry(args.registry, args.family)
+        build(preset, model, args.out, registry=registry, seed=args.seed, force=args.force, save_pipeline_to=args.save_pipeline,
               vocab=args.vocab, fp16=args.fp16, profile=not args.no_profile,
               device=args.device, target=args.target, max_unet_rows=args.max_unet_rows, plan_only=args.plan_only,
-              sizes=[int(x) for x in args.sizes.split(",") if x] or None, unet_variants=tuple(args.unet_variant))
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+              sizes=[int(x) for x in args.sizes.split(",") if x] or None, unet_variants=variants)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # RegistryError is a ValueError
         raise SystemExit(f"error: {exc}") from None
     return 0
 

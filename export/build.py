@@ -108,12 +108,14 @@ def _tensorrt_target(out: Path, info: dict, sizes: list[int], max_unet_rows: int
 def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force: bool = False,
           save_pipeline_to: Path | None = None, vocab: str | None = None, fp16: bool = False,
           profile: bool = True, device: str = "cpu", target: str = "embedded", sizes: list[int] | None = None,
-          max_unet_rows: int = 16, plan_only: bool = False, unet_variants: tuple[str, ...] = (), log=print) -> dict:
+          max_unet_rows: int = 16, plan_only: bool = False, unet_variants: tuple[str, ...] = (),
+          registry: dict | None = None, log=print) -> dict:
     """Export a preset (seeded random weights) or a checkpoint into a Triton model repository at `out`."""
     if bool(preset) == bool(model):
         raise SystemExit("pass exactly one of --preset NAME or --model PATH")
     out = Path(out)
     fingerprint = _fingerprint(preset, model, seed, fp16, target, sizes, max_unet_rows, unet_variants)
+    fingerprint["registry"] = registry
     manifest = None if force else _up_to_date(out, fingerprint)
     if manifest is not None:
         log(f"{out}: up to date (export_manifest.json matches); --force rebuilds")
@@ -153,6 +155,8 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
     info["unets"] = {"default": contract.UNET, **variants}
     info["artifacts"].update({name: f"{name}/1/model.onnx" for name in variants.values()})
     info["sha256"] = {name: file_sha256(out / rel) for name, rel in info["artifacts"].items()}
+    if registry:  # the orchestrator reads the family's policies (entropy, cascade, SLO classes) from here
+        info["registry"] = registry
     if target == "ngc":
         _tensorrt_target(out, info, sizes or [info["limits"]["default_height"]], max_unet_rows, plan_only, log)
     else:

@@ -46,7 +46,9 @@ def build_engine(params: dict[str, str], pipeline: dict, executor, *, profile: d
                               predictor=predictor, hybrid=params["hybrid"],
                               patch_grid=PatchGrid(int(params["patch"]), int(params["halo"])),
                               latent_scale=spec.vae_scale_factor)
-    entropy = {key.removeprefix("entropy_"): cast(params[key]) for key, cast in ENTROPY.items() if key in params}
+    # Entropy thresholds: the registry's per-family values, overridden by explicit parameters.
+    entropy = dict(pipeline.get("registry", {}).get("entropy") or {})
+    entropy.update({key.removeprefix("entropy_"): cast(params[key]) for key, cast in ENTROPY.items() if key in params})
     engine = Engine(executor, spec, scheduler, observer=observer,
                     entropy={name: entropy for name in unets_of(pipeline).values()})
     return engine, Limits.from_dict(pipeline.get("limits", {}))

@@ -86,3 +86,20 @@ def test_bad_source_is_one_clear_line(tmp_path, args, message):
     done = subprocess.run([sys.executable, "-m", "triffusion.export", "build", *args, "--out", str(tmp_path / "o")],
                           capture_output=True, text=True)
     assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_registry_family_exports_its_variants(tmp_path):
+    from pathlib import Path
+
+    registry = Path(__file__).resolve().parents[2] / "registry.example.yaml"
+    out = tmp_path / "repo"
+    done = subprocess.run([sys.executable, "-m", "triffusion.export", "build", "--registry", str(registry),
+                           "--family", "tiny", "--out", str(out), "--no-profile"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    pipeline = json.loads((out / "orchestrator/1/pipeline.json").read_text())
+    assert pipeline["unets"] == {"default": "unet", "tiny-lite": "unet_tiny_lite"}
+    assert pipeline["registry"]["cascade"] == {"light": "light", "heavy": "heavy", "threshold": 0.5}
+    assert (out / "unet_tiny_lite/config.pbtxt").exists()
+    bad = subprocess.run([sys.executable, "-m", "triffusion.export", "build", "--registry", str(registry),
+                          "--family", "nope", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--family nope: not in" in bad.stderr and "Traceback" not in bad.stderr

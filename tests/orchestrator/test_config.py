@@ -27,3 +27,11 @@ def test_unknown_parameter_is_named():
 def test_unknown_policy_fails_at_build():
     with pytest.raises(ValueError, match="unknown policy 'lifo'"):
         build_engine({"policy": "lifo"}, PIPELINE, FakeExecutor())
+
+
+def test_registry_entropy_applies_and_parameters_override_it():
+    pipeline = {**PIPELINE, "registry": {"entropy": {"threshold": 0.02, "patience": 3}}}
+    engine, _ = build_engine({}, pipeline, FakeExecutor())
+    assert engine.entropy["unet_lite"] == {"threshold": 0.02, "patience": 3}
+    engine, _ = build_engine({"entropy_patience": "5"}, pipeline, FakeExecutor())
+    assert engine.entropy["unet"] == {"threshold": 0.02, "patience": 5}

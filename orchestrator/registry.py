@@ -1,0 +1,111 @@
+"""Declarative model registry (after SD-as-a-Service): served families, their variants (heavy, light),
+cascade pairs, styles, SLO classes, and the per-model thresholds policies read. The export and the
+orchestrator read the same file; a bad registry fails at load naming the offending key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class RegistryError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    preset: str | None = None  # architecture preset with seeded random weights
+    model: str | None = None  # or a local diffusers folder / hub id
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    variants: dict[str, Variant]
+    default: str
+    cascade: dict | None = None  # {"light": variant, "heavy": variant, "threshold": float}
+    styles: tuple[str, ...] = ()
+    entropy: dict = field(default_factory=dict)  # EntropyStop thresholds
+
+
+@dataclass(frozen=True)
+class Registry:
+    families: dict[str, Family]
+    slo_classes: dict[str, dict]
+
+
+def _require(data, key: str, kind, path: str):
+    if not isinstance(data, dict) or key not in data:
+        raise RegistryError(f"{path}.{key}: missing" if path else f"{key}: missing")
+    value = data[key]
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise RegistryError(f"{path}.{key}: expected {names}, got {type(value).__name__}")
+    return value
+
+
+def _only(data: dict, allowed: set[str], path: str) -> None:
+    unknown = set(data) - allowed
+    if unknown:
+        raise RegistryError(f"{path}.{sorted(unknown)[0]}: unknown key; allowed: {', '.join(sorted(allowed))}")
+
+
+def parse_registry(data: dict, presets: set[str] | None = None) -> Registry:
+    """Validate and build; `presets` (the export's preset names) checks variant presets when given."""
+    if not isinstance(data, dict):
+        raise RegistryError("registry: expected a mapping at the top level")
+    _only(data, {"families", "slo_classes"}, "registry")
+    families = {}
+    for name, body in _require(data, "families", dict, "").items():
+        path = f"families.{name}"
+        _only(body, {"variants", "default", "cascade", "styles", "entropy"}, path)
+        variants = {}
+        for vname, vbody in _require(body, "variants", dict, path).items():
+            vpath = f"{path}.variants.{vname}"
+            if not isinstance(vbody, dict):
+                raise RegistryError(f"{vpath}: expected a mapping with preset or model")
+            _only(vbody, {"preset", "model"}, vpath)
+            if ("preset" in vbody) == ("model" in vbody):
+                raise RegistryError(f"{vpath}: give exactly one of preset or model")
+            if presets is not None and "preset" in vbody and vbody["preset"] not in presets:
+                raise RegistryError(f"{vpath}.preset: unknown preset '{vbody['preset']}'; "
+                                    f"choose one of: {', '.join(sorted(presets))}")
+            variants[vname] = Variant(vname, vbody.get("preset"), vbody.get("model"))
+        default = body.get("default", next(iter(variants)) if variants else None)
+        if default not in variants:
+            raise RegistryError(f"{path}.default: '{default}' is not a variant; variants: {', '.join(variants)}")
+        cascade = body.get("cascade")
+        if cascade is not None:
+            _only(cascade, {"light", "heavy", "threshold"}, f"{path}.cascade")
+            for role in ("light", "heavy"):
+                if _require(cascade, role, str, f"{path}.cascade") not in variants:
+                    raise RegistryError(f"{path}.cascade.{role}: '{cascade[role]}' is not a variant of {name}; "
+                                        f"variants: {', '.join(variants)}")
+            threshold = _require(cascade, "threshold", (int, float), f"{path}.cascade")
+            if not 0 <= threshold <= 1:
+                raise RegistryError(f"{path}.cascade.threshold: {threshold} is out of range; allowed 0..1")
+        entropy = body.get("entropy", {})
+        _only(entropy, {"threshold", "patience", "min_fraction"}, f"{path}.entropy")
+        families[name] = Family(name, variants, default, cascade, tuple(body.get("styles", ())), dict(entropy))
+    slo_classes = data.get("slo_classes", {})
+    for cname, cbody in slo_classes.items():
+        cpath = f"slo_classes.{cname}"
+        _only(cbody, {"slo_ms", "min_quality", "priority"}, cpath)
+        slo = _require(cbody, "slo_ms", int, cpath)
+        if slo <= 0:
+            raise RegistryError(f"{cpath}.slo_ms: {slo} is out of range; allowed > 0")
+    return Registry(families, slo_classes)
+
+
+def load_registry(path: str | Path, presets: set[str] | None = None) -> Registry:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"{path}: not valid YAML ({exc})") from None
+    try:
+        return parse_registry(data, presets)
+    except RegistryError as exc:
+        raise RegistryError(f"{path}: {exc}") from None
