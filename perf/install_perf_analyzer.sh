@@ -8,12 +8,13 @@ set -euo pipefail
 VENV=${1:-.venv}
 wrapper="$VENV/bin/perf_analyzer"
 if [ -x "$wrapper" ] && "$wrapper" --version >/dev/null 2>&1; then echo "$wrapper"; exit 0; fi
-glibc=$(ldd --version | head -1 | grep -oE '[0-9]+\.[0-9]+$')
-if [ "$(printf '%s\n2.38\n' "$glibc" | sort -V | head -1)" = "2.38" ]; then
+# awk reads its whole input: no SIGPIPE for the writer under pipefail (head would cause exit 141).
+glibc=$(ldd --version 2>&1 | awk 'NR == 1 {print $NF}')
+if [ "$(printf '%s\n2.38\n' "$glibc" | sort -V | awk 'NR == 1')" = "2.38" ]; then
   "$VENV/bin/pip" install -q perf-analyzer >&2
   echo "$VENV/bin/perf_analyzer"; exit 0
 fi
-if ! ldconfig -p | grep -q 'libb64.so.0d'; then
+if ! ldconfig -p | awk '/libb64\.so\.0d/ {found = 1} END {exit !found}'; then
   if [ "$(id -u)" = 0 ]; then
     (apt-get update -qq && apt-get install -y -qq libb64-0d) >&2
   else

@@ -2,6 +2,7 @@
 smoke run of the real perf_analyzer against the real server."""
 
 import json
+import os
 
 import pytest
 
@@ -52,6 +53,8 @@ def test_real_perf_analyzer_smoke(server, tmp_path):
     try:
         perf_analyzer_path()
     except HarnessError as exc:
+        if os.environ.get("CI"):  # CI installs it: a missing binary there is a broken harness
+            raise
         pytest.skip(f"perf_analyzer is not installed ({exc})")
     data = input_data([f"smoke {i}" for i in range(8)], size=64, steps=2, slo_ms=600_000)
     latencies, seconds = run_rate(server.grpc, 4.0, data, requests=4, workdir=tmp_path)
