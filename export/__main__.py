@@ -1,4 +1,5 @@
-"""python -m triffusion.export build (--preset NAME | --model PATH) --out DIR [--seed N] [--force]"""
+"""python -m triffusion.export build (--preset NAME [--random-weights] | --model PATH | --registry F --family N)
+--out DIR [--seed N] [--force]"""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m triffusion.export")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="export a pipeline into a Triton model repository")
-    src = b.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="architecture preset built with seeded random weights (e.g. tiny)")
-    src.add_argument("--model", help="local diffusers folder, or a hub id on a machine that reaches the hub")
-    src.add_argument("--registry", type=Path, help="model registry YAML (with --family): the family's variants")
+    b.add_argument("--preset", help="architecture preset (export/configs/<preset>); its real weights come from its "
+                   "hub checkpoint or --model, or seeded random ones with --random-weights")
+    b.add_argument("--model", help="local diffusers folder, or a hub id on a machine that reaches the hub")
+    b.add_argument("--random-weights", action="store_true",
+                   help="the architecture with seeded random weights (same FLOPs and shapes; for speed runs)")
+    b.add_argument("--registry", type=Path, help="model registry YAML (with --family): the family's variants")
     b.add_argument("--family", help="with --registry: which family to export")
     b.add_argument("--out", required=True, type=Path, help="model repository to write")
     b.add_argument("--seed", type=int, default=0)
@@ -60,12 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from .build import build
 
+    if args.registry and (args.preset or args.model):
+        raise SystemExit("error: --registry chooses the models itself; drop --preset/--model")
+    if not (args.registry or args.preset or args.model):
+        raise SystemExit("error: pass --preset NAME, --model PATH, or --registry FILE --family NAME")
     try:
         preset, model, variants, registry = args.preset, args.model, tuple(args.unet_variant), None
         if args.registry:
             preset, model, variants, registry = from_registry(args.registry, args.family)
         build(preset, model, args.out, registry=registry, seed=args.seed, force=args.force, save_pipeline_to=args.save_pipeline,
-              vocab=args.vocab, fp16=args.fp16, profile=not args.no_profile,
+              vocab=args.vocab, fp16=args.fp16, profile=not args.no_profile, random_weights=args.random_weights,
               device=args.device, target=args.target, max_unet_rows=args.max_unet_rows, plan_only=args.plan_only,
               sizes=[int(x) for x in args.sizes.split(",") if x] or None, unet_variants=variants)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:  # RegistryError is a ValueError

@@ -13,20 +13,21 @@ from pathlib import Path
 from triffusion import contract
 
 from .onnx_export import TextEncoderComponent, UNetComponent, VaeDecoderComponent, check_parity, export_component, file_sha256
-from .presets import Pipeline, build_preset, build_unet_variant, load_pipeline, save_pipeline, variant_model_name
+from .presets import Pipeline, build_unet_variant, resolve_pipeline, save_pipeline, variant_model_name
 from .repository import write_repository
 from .tokenizer import write_tokenizer
 
 ARTIFACTS = {name: f"{name}/1/model.onnx" for name in contract.COMPONENT_IO}
 
 
-def _fingerprint(preset, model, seed, fp16, target="embedded", sizes=None, max_unet_rows=16, variants=()) -> dict:
+def _fingerprint(preset, model, seed, fp16, target="embedded", sizes=None, max_unet_rows=16, variants=(),
+                 random_weights=False) -> dict:
     import diffusers
     import onnx
     import torch
 
     return {"preset": preset, "model": str(Path(model).resolve()) if model and Path(model).exists() else model,
-            "seed": seed if preset else None, "fp16": fp16,
+            "seed": seed, "random_weights": random_weights, "fp16": fp16,
             "target": target, "sizes": sizes if target == "ngc" else None, "unet_variants": list(variants),
             "max_unet_rows": max_unet_rows if target == "ngc" else None,
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "onnx": onnx.__version__}}
@@ -109,12 +110,14 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
           save_pipeline_to: Path | None = None, vocab: str | None = None, fp16: bool = False,
           profile: bool = True, device: str = "cpu", target: str = "embedded", sizes: list[int] | None = None,
           max_unet_rows: int = 16, plan_only: bool = False, unet_variants: tuple[str, ...] = (),
-          registry: dict | None = None, log=print) -> dict:
-    """Export a preset (seeded random weights) or a checkpoint into a Triton model repository at `out`."""
-    if bool(preset) == bool(model):
-        raise SystemExit("pass exactly one of --preset NAME or --model PATH")
+          registry: dict | None = None, random_weights: bool = False, log=print) -> dict:
+    """Export a preset or a checkpoint (real or seeded random weights, see presets.resolve_pipeline)
+    into a Triton model repository at `out`."""
+    if not preset and not model:
+        raise SystemExit("pass --preset NAME, --model PATH, or both")
     out = Path(out)
-    fingerprint = _fingerprint(preset, model, seed, fp16, target, sizes, max_unet_rows, unet_variants)
+    fingerprint = _fingerprint(preset, model, seed, fp16, target, sizes, max_unet_rows, unet_variants,
+                               random_weights)
     fingerprint["registry"] = registry
     manifest = None if force else _up_to_date(out, fingerprint)
     if manifest is not None:
@@ -124,8 +127,8 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
         return manifest["pipeline"]
 
     started = time.perf_counter()
-    # 1. The pipeline: preset architecture with seeded weights, or a real checkpoint.
-    pipeline = build_preset(preset, seed) if preset else load_pipeline(model)
+    # 1. The pipeline: a real checkpoint, or an architecture with seeded random weights.
+    pipeline, source, random_weights = resolve_pipeline(preset, model, random_weights, seed, log=log)
     # 2. Tokenizer: the checkpoint's own, or CLIP's BPE vocabulary.
     tokenizer_dir = out / contract.ORCHESTRATOR / "1" / "tokenizer"
     if tokenizer_dir.exists():
@@ -144,14 +147,15 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
     # Further UNets (e.g. a light cascade partner) are Triton models of their own: unet_<preset>.
     variants = {variant: variant_model_name(variant) for variant in unet_variants}
     for variant, name in variants.items():
-        exports.append((UNetComponent(build_unet_variant(variant, pipeline, seed)), f"{name}/1/model.onnx"))
+        exports.append((UNetComponent(build_unet_variant(variant, pipeline, seed, random_weights)), f"{name}/1/model.onnx"))
     for component, rel in exports:
         path = export_component(component, out / rel, (latent, latent), fp16=fp16)
         if not fp16:  # fp16 graphs are checked on the GPU host, where fp16 kernels exist
             error = check_parity(component, path, [(2, (latent, latent)), (1, (other, 2 * other))])
             log(f"{rel.split('/')[0]}: exported, max |onnx - torch| {error:.2e}")
     # 4. Repository around the artifacts, the manifest, and a profile that seeds the latency predictor.
-    info = _pipeline_info(pipeline, preset or model, seed if preset else None, out)
+    info = _pipeline_info(pipeline, source, seed if random_weights else None, out)
+    info["random_weights"] = random_weights
     info["unets"] = {"default": contract.UNET, **variants}
     info["artifacts"].update({name: f"{name}/1/model.onnx" for name in variants.values()})
     info["sha256"] = {name: file_sha256(out / rel) for name, rel in info["artifacts"].items()}
@@ -165,9 +169,9 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
         _profile(out, info)
     (out / "export_manifest.json").write_text(json.dumps({"fingerprint": fingerprint, "pipeline": info},
                                                          indent=2, sort_keys=True) + "\n")
-    if preset:
-        target = save_pipeline_to or out.parent / "models" / f"{preset}-seed{seed}"
-        save_pipeline(pipeline, tokenizer_dir, Path(target))
-        log(f"diffusers folder: {target}")
+    if random_weights and preset:
+        folder = save_pipeline_to or out.parent / "models" / f"{preset}-seed{seed}"
+        save_pipeline(pipeline, tokenizer_dir, Path(folder))
+        log(f"diffusers folder: {folder}")
     log(f"{out}: built in {time.perf_counter() - started:.1f} s")
     return info

@@ -26,6 +26,64 @@ def presets() -> list[str]:
     return sorted(p.name for p in CONFIGS.iterdir() if (p / "unet.json").exists())
 
 
+def checkpoint_of(preset: str) -> str | None:
+    """The hub id of the preset's real weights; None for presets that only exist with random weights."""
+    data = json.loads((CONFIGS / "checkpoints.json").read_text())
+    return data.get(preset)
+
+
+def _check_preset(preset: str, flag: str = "preset") -> None:
+    if preset not in presets():
+        raise SystemExit(f"unknown {flag} '{preset}'; choose one of: {', '.join(presets())}")
+
+
+def resolve_pipeline(preset: str | None, model: str | None, random_weights: bool, seed: int = 0,
+                     log=print) -> tuple["Pipeline", str, bool]:
+    """The pipeline an export starts from, and (source, random weights?) for the manifest.
+
+    --preset P --random-weights      P's architecture, seeded random weights (how speed is measured here)
+    --preset P                       P's real weights from its hub checkpoint (tiny presets: random only)
+    --preset P --model PATH|HUB_ID   real weights from PATH, checked against P's architecture
+    --model PATH|HUB_ID              real weights, architecture as the checkpoint says
+    --model PATH --random-weights    the checkpoint's architecture (configs only), seeded random weights"""
+    if not preset and not model:
+        raise SystemExit("pass --preset NAME, --model PATH, or both")
+    if preset:
+        _check_preset(preset)
+    if preset and (random_weights or (not model and checkpoint_of(preset) is None)):
+        if model:
+            raise SystemExit("--random-weights with --preset takes no --model: the preset is the architecture")
+        if not random_weights:
+            log(f"preset {preset} has no released checkpoint: seeded random weights (seed {seed})")
+        return build_preset(preset, seed), preset, True
+    if random_weights:
+        return build_from_configs(model, seed), model, True
+    source = model or checkpoint_of(preset)
+    try:
+        pipeline = load_pipeline(source)
+    except SystemExit:
+        if model:
+            raise
+        raise SystemExit(f"--preset {preset}: its weights ({source}) are neither cached here nor reachable on the "
+                         "hub; pass --model PATH for a local diffusers folder, or --random-weights for the "
+                         "architecture with seeded random weights") from None
+    if preset:
+        check_architecture(pipeline, preset)
+    return pipeline, source, False
+
+
+def check_architecture(pipeline: "Pipeline", preset: str) -> None:
+    """Real weights under a preset's name must have the preset's shapes (or the profiles would lie)."""
+    expected = _config(preset, "unet")
+    for key in ("block_out_channels", "cross_attention_dim", "layers_per_block", "in_channels",
+                "down_block_types", "up_block_types"):
+        have = pipeline.unet.config.get(key)
+        want = expected.get(key)
+        if want is not None and (list(have) if isinstance(have, (list, tuple)) else have) != want:
+            raise SystemExit(f"--preset {preset}: the checkpoint's unet {key} is {have}, the preset's is {want}; "
+                             "pass the matching --preset, or only --model")
+
+
 def _config(preset: str, name: str) -> dict:
     data = json.loads((CONFIGS / preset / f"{name}.json").read_text())
     # Keys starting with "_" are provenance notes, not constructor arguments.
@@ -38,8 +96,7 @@ def build_preset(preset: str, seed: int = 0) -> Pipeline:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    if preset not in presets():
-        raise SystemExit(f"unknown preset '{preset}'; choose one of: {', '.join(presets())}")
+    _check_preset(preset)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(**_config(preset, "text_encoder")))
     torch.manual_seed(seed + 1)
@@ -51,19 +108,50 @@ def build_preset(preset: str, seed: int = 0) -> Pipeline:
     return Pipeline(preset, text_encoder.eval(), unet.eval(), vae.eval(), scheduler, None)
 
 
-def build_unet_variant(preset: str, base: Pipeline, seed: int = 0) -> torch.nn.Module:
-    """A second UNet served beside `base` (same text encoder and VAE), e.g. a block-removed light model."""
+def build_unet_variant(preset: str, base: Pipeline, seed: int = 0, random_weights: bool = True) -> torch.nn.Module:
+    """A second UNet served beside `base` (same text encoder and VAE), e.g. a block-removed light model:
+    seeded random weights, or the preset's checkpoint's UNet when the base has real weights."""
     from diffusers import UNet2DConditionModel
 
-    if preset not in presets():
-        raise SystemExit(f"unknown --unet-variant '{preset}'; choose one of: {', '.join(presets())}")
+    _check_preset(preset, "--unet-variant")
     config = _config(preset, "unet")
     for key in ("cross_attention_dim", "in_channels", "out_channels"):
         if config.get(key) != base.unet.config[key]:
             raise SystemExit(f"--unet-variant {preset}: {key} {config.get(key)} does not match the base model's "
                              f"{base.unet.config[key]}; a variant must share the text encoder and VAE")
+    checkpoint = checkpoint_of(preset)
+    if not random_weights and checkpoint:
+        try:
+            return UNet2DConditionModel.from_pretrained(checkpoint, subfolder="unet").eval()
+        except OSError as exc:
+            raise SystemExit(f"--unet-variant {preset}: its weights ({checkpoint}) could not be loaded "
+                             f"({str(exc).splitlines()[0]}); pass --random-weights to measure the architecture") from None
     torch.manual_seed(seed + 1)
     return UNet2DConditionModel(**config).eval()
+
+
+def build_from_configs(model: str, seed: int = 0) -> Pipeline:
+    """A checkpoint's architecture (its config files only) with seeded random weights."""
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = Path(model)
+    if not (path / "model_index.json").exists():
+        raise SystemExit(f"--model {model} --random-weights: needs a local diffusers folder (with model_index.json) "
+                         "to read the architecture from")
+    read = lambda sub: {k: v for k, v in json.loads((path / sub / "config.json").read_text()).items()
+                        if not k.startswith("_")}
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**read("text_encoder")))
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(**read("unet"))
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL(**read("vae"))
+    scheduler_data = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = getattr(diffusers, scheduler_data["_class_name"]).from_config(scheduler_data)
+    tokenizer_dir = path / "tokenizer" if (path / "tokenizer").exists() else None
+    return Pipeline(path.name, text_encoder.eval(), unet.eval(), vae.eval(), scheduler, tokenizer_dir)
 
 
 def variant_model_name(preset: str) -> str:

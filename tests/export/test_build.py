@@ -1,6 +1,7 @@
 """Export: ONNX parity with torch, determinism, idempotence, the --model path, and clear errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -103,3 +104,38 @@ def test_registry_family_exports_its_variants(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "triffusion.export", "build", "--registry", str(registry),
                           "--family", "nope", "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert bad.returncode != 0 and "--family nope: not in" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_preset_without_reachable_weights_says_what_to_pass(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "triffusion.export", "build", "--preset", "sd15", "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "--preset sd15: its weights (stable-diffusion-v1-5/stable-diffusion-v1-5)" in done.stderr
+    assert "--random-weights" in done.stderr and "--model PATH" in done.stderr
+
+
+def test_preset_with_a_checkpoint_of_another_architecture_is_refused(tiny_build, tmp_path):
+    root, _, _ = tiny_build
+    with pytest.raises(SystemExit, match="unet block_out_channels is \\[32, 64\\], the preset's is \\[320"):
+        build("sd15", str(root / "models" / "tiny-seed0"), tmp_path / "o", profile=False, log=lambda *_: None)
+
+
+def test_preset_and_matching_checkpoint_use_the_checkpoint_weights(tiny_build, tmp_path):
+    root, out, _ = tiny_build
+    info = build("tiny", str(root / "models" / "tiny-seed0"), tmp_path / "o", profile=False, log=lambda *_: None)
+    assert info["random_weights"] is False and info["source"].endswith("tiny-seed0")
+    assert (tmp_path / "o" / ARTIFACTS["unet"]).read_bytes() == (out / ARTIFACTS["unet"]).read_bytes()
+
+
+def test_model_folder_with_random_weights_keeps_the_architecture_not_the_weights(tiny_build, tmp_path):
+    root, out, _ = tiny_build
+    info = build(None, str(root / "models" / "tiny-seed0"), tmp_path / "o", seed=5, random_weights=True,
+                 profile=False, log=lambda *_: None)
+    assert info["random_weights"] is True and info["seed"] == 5
+    import onnx
+
+    graph = lambda repo: onnx.load(str(repo / ARTIFACTS["unet"]))
+    ours, theirs = graph(tmp_path / "o"), graph(out)
+    shapes = lambda g: sorted((i.name, tuple(i.dims)) for i in g.graph.initializer)
+    assert shapes(ours) == shapes(theirs)  # same architecture
+    assert (tmp_path / "o" / ARTIFACTS["unet"]).read_bytes() != (out / ARTIFACTS["unet"]).read_bytes()
