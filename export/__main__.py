@@ -30,8 +30,11 @@ def parser() -> argparse.ArgumentParser:
                    help="serve another UNet beside the base one as model unet_<preset> (repeatable)")
     b.add_argument("--target", choices=("embedded", "ngc"), default="embedded",
                    help="embedded: python-backend components; ngc: TensorRT engines for the tensorrt backend")
-    b.add_argument("--sizes", default="", help="ngc: served image sizes, e.g. 512,768 (one engine profile each)")
-    b.add_argument("--max-unet-rows", type=int, default=16, help="ngc: largest UNet batch an engine accepts")
+    b.add_argument("--runtime", choices=("onnxruntime", "torch"), default="onnxruntime",
+                   help="embedded: what runs each component (torch: fp16, SDPA, CUDA graphs per served bucket)")
+    b.add_argument("--sizes", default="", help="served image sizes, e.g. 512,768: ngc builds an engine profile "
+                   "each, --runtime torch captures CUDA graphs for each")
+    b.add_argument("--max-unet-rows", type=int, default=16, help="largest UNet batch an engine or graph covers")
     b.add_argument("--plan-only", action="store_true", help="ngc: write configs and the profile plan, build no engine")
     b.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the served components run (cuda: onnxruntime-gpu's CUDA provider)")
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.registry:
             preset, model, variants, registry = from_registry(args.registry, args.family)
         build(preset, model, args.out, registry=registry, seed=args.seed, force=args.force, save_pipeline_to=args.save_pipeline,
-              vocab=args.vocab, fp16=args.fp16, profile=not args.no_profile, random_weights=args.random_weights,
+              vocab=args.vocab, fp16=args.fp16, profile=not args.no_profile, random_weights=args.random_weights, runtime=args.runtime,
               device=args.device, target=args.target, max_unet_rows=args.max_unet_rows, plan_only=args.plan_only,
               sizes=[int(x) for x in args.sizes.split(",") if x] or None, unet_variants=variants)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:  # RegistryError is a ValueError

@@ -16,20 +16,22 @@ from .onnx_export import TextEncoderComponent, UNetComponent, VaeDecoderComponen
 from .presets import Pipeline, build_unet_variant, resolve_pipeline, save_pipeline, variant_model_name
 from .repository import write_repository
 from .tokenizer import write_tokenizer
+from triffusion.runtime import format_graph_shapes, save_torch_artifact
 
 ARTIFACTS = {name: f"{name}/1/model.onnx" for name in contract.COMPONENT_IO}
 
 
 def _fingerprint(preset, model, seed, fp16, target="embedded", sizes=None, max_unet_rows=16, variants=(),
-                 random_weights=False) -> dict:
+                 random_weights=False, runtime="onnxruntime") -> dict:
     import diffusers
     import onnx
     import torch
 
     return {"preset": preset, "model": str(Path(model).resolve()) if model and Path(model).exists() else model,
             "seed": seed, "random_weights": random_weights, "fp16": fp16,
-            "target": target, "sizes": sizes if target == "ngc" else None, "unet_variants": list(variants),
-            "max_unet_rows": max_unet_rows if target == "ngc" else None,
+            "target": target, "runtime": runtime, "unet_variants": list(variants),
+            "sizes": sizes if target == "ngc" or runtime == "torch" else None,
+            "max_unet_rows": max_unet_rows if target == "ngc" or runtime == "torch" else None,
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "onnx": onnx.__version__}}
 
 
@@ -47,7 +49,7 @@ def _up_to_date(out: Path, fingerprint: dict) -> dict | None:
     return manifest
 
 
-def _pipeline_info(pipeline: Pipeline, source: str, seed: int | None, out: Path) -> dict:
+def _pipeline_info(pipeline: Pipeline, source: str, seed: int | None, out: Path, artifacts: dict) -> dict:
     unet, vae = pipeline.unet.config, pipeline.vae.config
     large = unet.sample_size >= 64
     return {
@@ -58,28 +60,49 @@ def _pipeline_info(pipeline: Pipeline, source: str, seed: int | None, out: Path)
         "text_hidden_size": pipeline.text_encoder.config.hidden_size,
         "latent_multiple": 2 ** (len(unet.block_out_channels) - 1),
         "scheduler_config": {k: v for k, v in dict(pipeline.scheduler.config).items()},
-        "artifacts": dict(ARTIFACTS),
-        "sha256": {name: file_sha256(out / rel) for name, rel in ARTIFACTS.items()},
+        "artifacts": dict(artifacts),
+        "sha256": {name: file_sha256(out / rel) for name, rel in artifacts.items()},
         "limits": ({"min_size": 256, "max_size": 1024, "default_height": 512, "default_width": 512} if large else
                    {"min_size": 64, "max_size": 512, "default_height": 64, "default_width": 64}),
     }
 
 
-def _profile(out: Path, info: dict) -> None:
+def _profile(out: Path, info: dict, runtime: str = "onnxruntime", device: str = "cpu") -> None:
+    """Seed the latency predictor with times measured here, with the served runtime on the served device
+    (CUDA graphs included), for every UNet variant."""
     from triffusion.orchestrator.executor import RuntimeExecutor
     from triffusion.orchestrator.profile import profile
     from triffusion.runtime import create_runtime
 
-    runtime = lambda name: create_runtime("onnxruntime", out / ARTIFACTS[name])
-    executor = RuntimeExecutor(runtime(contract.TEXT_ENCODER), {contract.UNET: runtime(contract.UNET)},
-                               runtime(contract.VAE_DECODER))
+    graphs = info.get("graphs", {})
+    load = lambda name: create_runtime(runtime, out / info["artifacts"][name], device=device,
+                                       graph_shapes=graphs.get(name, ""))
+    unets = {name: load(name) for name in info["unets"].values()}
+    executor = RuntimeExecutor(load(contract.TEXT_ENCODER), unets, load(contract.VAE_DECODER))
     limits = info["limits"]
     multiple = info["vae_scale_factor"] * info["latent_multiple"]
     sizes = sorted({limits["min_size"], limits["default_height"], 2 * limits["min_size"], 4 * limits["min_size"]})
     sizes = [s for s in sizes if s % multiple == 0 and s <= limits["max_size"]]
-    data = profile(executor, contract.UNET, sizes, [1, 2, 4, 8], latent_channels=info["latent_channels"],
-                   vae_scale=info["vae_scale_factor"], text_hidden=info["text_hidden_size"])
+    if info.get("served_sizes"):
+        sizes = info["served_sizes"]
+    data = {"unet": [], "stages": []}
+    for name in unets:
+        part = profile(executor, name, sizes, [1, 2, 4, 8], latent_channels=info["latent_channels"],
+                       vae_scale=info["vae_scale_factor"], text_hidden=info["text_hidden_size"])
+        data["unet"] += part["unet"]
+        data["stages"] = data["stages"] or part["stages"]
     (out / contract.ORCHESTRATOR / "1" / "profile.json").write_text(json.dumps(data, indent=1) + "\n")
+
+
+def graph_buckets(sizes: list[int], max_unet_rows: int, vae_scale: int) -> dict[str, list[tuple[int, ...]]]:
+    """CUDA graph buckets per component kind for the served sizes: the UNet at 1 row and every even row
+    count (classifier-free guidance makes two rows a request) up to the largest batch; the text encoder
+    and VAE at powers of two (smaller batches pad into them)."""
+    latent = [(s // vae_scale, s // vae_scale) for s in sizes]
+    unet_rows = [1] + list(range(2, max_unet_rows + 1, 2))
+    return {contract.UNET: [(r, h, w) for h, w in latent for r in unet_rows],
+            contract.TEXT_ENCODER: [(r,) for r in (1, 2, 4, 8, 16) if r <= max(max_unet_rows, 2)],
+            contract.VAE_DECODER: [(r, h, w) for h, w in latent for r in (1, 2, 4)]}
 
 
 def _tensorrt_target(out: Path, info: dict, sizes: list[int], max_unet_rows: int, plan_only: bool, log) -> None:
@@ -106,24 +129,57 @@ def _tensorrt_target(out: Path, info: dict, sizes: list[int], max_unet_rows: int
     (out / "tensorrt_plan.json").write_text(json.dumps(plan, indent=1) + "\n")
 
 
+def _export_onnx(kind: str, module, out: Path, name: str, pipeline: Pipeline, fp16: bool, log) -> str:
+    component = {contract.TEXT_ENCODER: TextEncoderComponent, contract.UNET: UNetComponent,
+                 contract.VAE_DECODER: VaeDecoderComponent}[kind](module)
+    latent = pipeline.unet.config.sample_size
+    multiple = 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
+    other = max(multiple, (latent // 2) // multiple * multiple)
+    rel = f"{name}/1/model.onnx"
+    path = export_component(component, out / rel, (latent, latent), fp16=fp16)
+    if not fp16:  # fp16 graphs are checked on the GPU host, where fp16 kernels exist
+        error = check_parity(component, path, [(2, (latent, latent)), (1, (other, 2 * other))])
+        log(f"{name}: exported, max |onnx - torch| {error:.2e}")
+    return rel
+
+
+def _export_torch(kind: str, module, out: Path, name: str, pipeline: Pipeline, fp16: bool, log) -> str:
+    """The model's own save_pretrained folder: the torch runtime serves it with CUDA graphs per bucket."""
+    import torch
+
+    rel = f"{name}/1/torch"
+    if (out / rel).exists():
+        shutil.rmtree(out / rel)
+    dtype = next(module.parameters()).dtype
+    save_torch_artifact(kind, module.to(torch.float16) if fp16 else module, out / rel)
+    module.to(dtype)
+    log(f"{name}: saved for the torch runtime")
+    return rel
+
+
 def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force: bool = False,
           save_pipeline_to: Path | None = None, vocab: str | None = None, fp16: bool = False,
           profile: bool = True, device: str = "cpu", target: str = "embedded", sizes: list[int] | None = None,
           max_unet_rows: int = 16, plan_only: bool = False, unet_variants: tuple[str, ...] = (),
-          registry: dict | None = None, random_weights: bool = False, log=print) -> dict:
+          registry: dict | None = None, random_weights: bool = False, runtime: str = "onnxruntime",
+          log=print) -> dict:
     """Export a preset or a checkpoint (real or seeded random weights, see presets.resolve_pipeline)
     into a Triton model repository at `out`."""
     if not preset and not model:
         raise SystemExit("pass --preset NAME, --model PATH, or both")
     out = Path(out)
+    if runtime not in ("onnxruntime", "torch"):
+        raise SystemExit(f"--runtime {runtime}: choose onnxruntime or torch")
+    if runtime == "torch" and target != "embedded":
+        raise SystemExit("--runtime torch serves python-backend components: use it with --target embedded")
     fingerprint = _fingerprint(preset, model, seed, fp16, target, sizes, max_unet_rows, unet_variants,
-                               random_weights)
+                               random_weights, runtime)
     fingerprint["registry"] = registry
     manifest = None if force else _up_to_date(out, fingerprint)
     if manifest is not None:
         log(f"{out}: up to date (export_manifest.json matches); --force rebuilds")
         if target == "embedded":  # configs are cheap: rewrite them (the device may have changed)
-            write_repository(out, manifest["pipeline"], device=device)
+            write_repository(out, manifest["pipeline"], runtime=runtime, device=device)
         return manifest["pipeline"]
 
     started = time.perf_counter()
@@ -137,36 +193,32 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
         shutil.copytree(pipeline.tokenizer_dir, tokenizer_dir)
     else:
         write_tokenizer(tokenizer_dir, vocab)
-    # 3. ONNX per component, each checked against torch at two shapes.
-    latent = pipeline.unet.config.sample_size
-    multiple = 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
-    other = max(multiple, (latent // 2) // multiple * multiple)
-    exports = [(TextEncoderComponent(pipeline.text_encoder), ARTIFACTS[contract.TEXT_ENCODER]),
-               (UNetComponent(pipeline.unet), ARTIFACTS[contract.UNET]),
-               (VaeDecoderComponent(pipeline.vae), ARTIFACTS[contract.VAE_DECODER])]
-    # Further UNets (e.g. a light cascade partner) are Triton models of their own: unet_<preset>.
+    # 3. One artifact per component: ONNX checked against torch at two shapes, or a torch folder.
     variants = {variant: variant_model_name(variant) for variant in unet_variants}
-    for variant, name in variants.items():
-        exports.append((UNetComponent(build_unet_variant(variant, pipeline, seed, random_weights)), f"{name}/1/model.onnx"))
-    for component, rel in exports:
-        path = export_component(component, out / rel, (latent, latent), fp16=fp16)
-        if not fp16:  # fp16 graphs are checked on the GPU host, where fp16 kernels exist
-            error = check_parity(component, path, [(2, (latent, latent)), (1, (other, 2 * other))])
-            log(f"{rel.split('/')[0]}: exported, max |onnx - torch| {error:.2e}")
+    modules = {contract.TEXT_ENCODER: pipeline.text_encoder, contract.UNET: pipeline.unet,
+               contract.VAE_DECODER: pipeline.vae}
+    # Further UNets (e.g. a light cascade partner) are Triton models of their own: unet_<preset>.
+    modules.update({name: build_unet_variant(variant, pipeline, seed, random_weights)
+                    for variant, name in variants.items()})
+    kind_of = lambda name: contract.UNET if name in variants.values() else name
+    export = _export_torch if runtime == "torch" else _export_onnx
+    artifacts = {name: export(kind_of(name), module, out, name, pipeline, fp16, log) for name, module in modules.items()}
     # 4. Repository around the artifacts, the manifest, and a profile that seeds the latency predictor.
-    info = _pipeline_info(pipeline, source, seed if random_weights else None, out)
+    info = _pipeline_info(pipeline, source, seed if random_weights else None, out, artifacts)
     info["random_weights"] = random_weights
     info["unets"] = {"default": contract.UNET, **variants}
-    info["artifacts"].update({name: f"{name}/1/model.onnx" for name in variants.values()})
-    info["sha256"] = {name: file_sha256(out / rel) for name, rel in info["artifacts"].items()}
+    if runtime == "torch":
+        info["served_sizes"] = sizes or [info["limits"]["default_height"]]
+        buckets = graph_buckets(info["served_sizes"], max_unet_rows, info["vae_scale_factor"])
+        info["graphs"] = {name: format_graph_shapes(buckets[kind_of(name)]) for name in artifacts}
     if registry:  # the orchestrator reads the family's policies (entropy, cascade, SLO classes) from here
         info["registry"] = registry
     if target == "ngc":
         _tensorrt_target(out, info, sizes or [info["limits"]["default_height"]], max_unet_rows, plan_only, log)
     else:
-        write_repository(out, info, device=device)
+        write_repository(out, info, runtime=runtime, device=device)
     if profile and target == "embedded":
-        _profile(out, info)
+        _profile(out, info, runtime, device)
     (out / "export_manifest.json").write_text(json.dumps({"fingerprint": fingerprint, "pipeline": info},
                                                          indent=2, sort_keys=True) + "\n")
     if random_weights and preset:

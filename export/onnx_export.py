@@ -152,12 +152,18 @@ def check_parity(component: Component, path: Path, shapes: list[tuple[int, tuple
 
 
 def file_sha256(path: Path) -> str:
+    """Digest of a file, or of a folder's files (names and contents, in name order)."""
     import hashlib
 
+    path = Path(path)
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

@@ -76,16 +76,26 @@ def write_repository(out_dir: Path, pipeline: dict, *, runtime: str = "onnxrunti
     out_dir = Path(out_dir)
     components = dict(contract.COMPONENT_IO)
     components.update({name: contract.UNET_IO for name in pipeline.get("unets", {}).values()})
+    graphs = pipeline.get("graphs", {})
+    gpu = device == "cuda"
     for name, io in components.items():
         artifact = Path(pipeline["artifacts"][name]).name
+        params = {"runtime": runtime, "artifact": artifact, "device": device}
+        if graphs.get(name):
+            params["graph_shapes"] = graphs[name]  # CUDA graphs captured per bucket at load
+        if gpu:  # GPU tensors reach the model as they are (DLPack), not copied to the host first
+            params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
         (out_dir / name).mkdir(parents=True, exist_ok=True)
         (out_dir / name / "config.pbtxt").write_text(
-            component_config(name, io, {"runtime": runtime, "artifact": artifact, "device": device}))
+            component_config(name, io, params, "KIND_GPU" if gpu else "KIND_CPU"))
         _copy_adapter("component", out_dir / name)
     orch_dir = out_dir / contract.ORCHESTRATOR
     _copy_adapter(contract.ORCHESTRATOR, orch_dir)
-    (orch_dir / "config.pbtxt").write_text(orchestrator_config(
-        {"max_active": 8, "max_queue": 64, "max_batch": 16, "policy": "edf", **(orchestrator or {})}))
+    defaults = {"max_active": 8, "max_queue": 64, "max_batch": 16, "policy": "edf"}
+    if runtime == "torch" and gpu:
+        # Per-request state stays where the UNet runs: no BLS round trip per step (about 4 ms on an H100).
+        defaults.update({"max_active": 16, "unet_executor": "inprocess", "runtime": runtime, "device": device})
+    (orch_dir / "config.pbtxt").write_text(orchestrator_config({**defaults, **(orchestrator or {})}))
     served = {**pipeline, "limits": default_limits(pipeline)}
     (orch_dir / "1" / "pipeline.json").write_text(json.dumps(served, indent=2, sort_keys=True, default=str))
     _copy_adapter(contract.TEXT_TO_IMAGE, out_dir / contract.TEXT_TO_IMAGE)

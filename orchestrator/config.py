@@ -49,6 +49,8 @@ def build_engine(params: dict[str, str], pipeline: dict, executor, *, profile: d
     # Entropy thresholds: the registry's per-family values, overridden by explicit parameters.
     entropy = dict(pipeline.get("registry", {}).get("entropy") or {})
     entropy.update({key.removeprefix("entropy_"): cast(params[key]) for key, cast in ENTROPY.items() if key in params})
-    engine = Engine(executor, spec, scheduler, observer=observer,
+    # An in-process torch UNet keeps per-request state on its device; everything else speaks numpy.
+    device = params["device"] if params["unet_executor"] == "inprocess" and params["runtime"] == "torch" else None
+    engine = Engine(executor, spec, scheduler, observer=observer, device=device,
                     entropy={name: entropy for name in unets_of(pipeline).values()})
     return engine, Limits.from_dict(pipeline.get("limits", {}))

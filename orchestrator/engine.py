@@ -45,8 +45,11 @@ class Observer:
 class Engine:
     def __init__(self, executor: Executor, spec: PipelineSpec, scheduler: StepScheduler | None = None,
                  clock=time.monotonic, observer: Observer | None = None, pipelined: bool = True,
-                 entropy: dict[str, dict] | None = None):
+                 entropy: dict[str, dict] | None = None, device: str | None = None):
         self.executor, self.spec, self.clock = executor, spec, clock
+        # device: latents and text embeddings live there and the executor takes and returns torch tensors
+        # (an in-process torch UNet); None: the executor speaks numpy (BLS, onnxruntime).
+        self.device = torch.device(device) if device else None
         self.pipelined = pipelined
         self.entropy = entropy or {}  # model -> EntropyStop thresholds (step_mode "auto")
         self._side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triffusion-side")
@@ -153,9 +156,11 @@ class Engine:
         for state in states:
             rows = state.input_ids.shape[0]
             state.text_embeddings = torch.from_numpy(embeddings[offset:offset + rows].copy())
+            if self.device is not None:
+                state.text_embeddings = state.text_embeddings.to(self.device)
             offset += rows
             state.sampler = Sampler(state.params, self.spec.scheduler_config,
-                                    (self.spec.latent_channels, *h_w(state)))
+                                    (self.spec.latent_channels, *h_w(state)), device=self.device or "cpu")
             state.steps_target = state.sampler.total
             if state.params.step_mode == "auto":
                 state.stopper = EntropyStop(**self.entropy.get(state.model, {}))
@@ -189,7 +194,11 @@ class Engine:
 
     def _unet(self, bucket: tuple, sample, timestep, embeddings) -> torch.Tensor:
         start = self.clock()
-        noise = torch.from_numpy(self.executor.denoise(bucket[0], sample.numpy(), timestep.numpy(), embeddings.numpy()))
+        if self.device is not None:  # tensors stay on the device; the runtime returns when the GPU is done
+            noise = self.executor.denoise(bucket[0], sample, timestep, embeddings)
+        else:
+            noise = torch.from_numpy(self.executor.denoise(bucket[0], sample.numpy(), timestep.numpy(),
+                                                           embeddings.numpy()))
         elapsed = self.clock() - start
         model, h, w = bucket
         self.predictor.observe_unet(model, h, w, len(sample), elapsed)
@@ -223,7 +232,7 @@ class Engine:
         for state in states:
             by_size.setdefault((state.params.height, state.params.width), []).append(state)
         for group in by_size.values():
-            latents = torch.cat([s.sampler.latents for s in group]) / self.spec.vae_scaling_factor
+            latents = torch.cat([s.sampler.latents for s in group]).cpu() / self.spec.vae_scaling_factor
             start = self.clock()
             images = torch.from_numpy(self.executor.decode(latents.numpy()))
             elapsed = self.clock() - start

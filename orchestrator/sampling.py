@@ -28,7 +28,8 @@ K_DIFFUSION = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDisc
 class Sampler:
     """One request's sampling state; `step` advances it by one UNet evaluation."""
 
-    def __init__(self, params: GenerationParams, scheduler_config: dict, latent_shape: tuple[int, int, int]):
+    def __init__(self, params: GenerationParams, scheduler_config: dict, latent_shape: tuple[int, int, int],
+                 device: str | torch.device = "cpu"):
         overrides = {"skip_prk_steps": True} if params.scheduler == "pndm" else {}
         self.scheduler = SCHEDULER_CLASSES[params.scheduler].from_config(scheduler_config, **overrides)
         self.scheduler.set_timesteps(params.steps)
@@ -38,7 +39,8 @@ class Sampler:
         # CPU generator: the same seed gives the same image on any device.
         self.generator = torch.Generator().manual_seed(params.seed)
         latents = torch.randn((1, *latent_shape), generator=self.generator, dtype=torch.float32)
-        self.latents = latents * self.scheduler.init_noise_sigma
+        # Latents live where the UNet runs (device-resident engine); the scheduler's tables stay on the CPU.
+        self.latents = (latents * self.scheduler.init_noise_sigma).to(device)
 
     @property
     def total(self) -> int:
@@ -86,5 +88,5 @@ LATENT_RGB = torch.tensor([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173],
 
 def latent_preview(latents: torch.Tensor) -> torch.Tensor:
     """(1, 4, h, w) latents -> (h, w, 3) uint8 preview at latent resolution."""
-    rgb = torch.einsum("chw,cr->hwr", latents[0, :4].float(), LATENT_RGB[: latents.shape[1]])
+    rgb = torch.einsum("chw,cr->hwr", latents[0, :4].float().cpu(), LATENT_RGB[: latents.shape[1]])
     return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

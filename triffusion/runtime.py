@@ -49,22 +49,41 @@ class OnnxRuntime:
                 for name, out in zip(self.output_names, outputs)}
 
 
-RUNTIMES = {"onnxruntime": OnnxRuntime}
+def parse_graph_shapes(spec: str) -> list[tuple[int, ...]]:
+    """"2x64x64,4x64x64" -> [(2, 64, 64), (4, 64, 64)]: the (rows, latent h, latent w) buckets to capture
+    (just rows for the text encoder). Kept as plain text because config.pbtxt parameters are strings."""
+    shapes = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        try:
+            shapes.append(tuple(int(d) for d in item.split("x")))
+        except ValueError:
+            raise ValueError(f"graph_shapes: '{item}' is not ROWSxHxW (e.g. 2x64x64)") from None
+    return shapes
 
 
-def create_runtime(kind: str, artifact: str | os.PathLike, device: str = "cpu", threads: int = 0) -> Runtime:
-    """Build the runtime named in a model's config (parameters: runtime, artifact, device)."""
+def format_graph_shapes(shapes) -> str:
+    return ",".join("x".join(str(d) for d in shape) for shape in shapes)
+
+
+def create_runtime(kind: str, artifact: str | os.PathLike, device: str = "cpu", threads: int = 0,
+                   graph_shapes: str = "") -> Runtime:
+    """Build the runtime named in a model's config (parameters: runtime, artifact, device, graph_shapes)."""
     if kind not in RUNTIMES:
         raise ValueError(f"unknown runtime '{kind}'; choose one of: {', '.join(sorted(RUNTIMES))}")
     if not Path(artifact).exists():
         raise FileNotFoundError(f"artifact {artifact} does not exist; run `python -m triffusion.export build` first")
-    return RUNTIMES[kind](artifact, device=device, threads=threads)
+    if kind == "torch":
+        return load_torch_runtime(artifact, device=device, graph_shapes=parse_graph_shapes(graph_shapes))
+    return OnnxRuntime(artifact, device=device, threads=threads)
 
 
 class TorchRuntime:
     """A torch module as a runtime: fp16, channels-last and SDPA attention on CUDA, with CUDA graphs
-    captured per declared input shape at load (warm-up belongs in load, not in the first request).
-    Numpy in gives numpy out; torch tensors in stay on the device (DLPack path)."""
+    captured per served bucket at load (warm-up belongs in load, not in the first request). A batch
+    with no graph of its own runs in the smallest captured graph with room for it (rows are independent
+    in every component, so padding rows change nothing), else eagerly.
+    Numpy in gives numpy out; torch tensors in stay on the device (the DLPack path), and CUDA work is
+    finished when run() returns, so callers' timings are true GPU times."""
 
     def __init__(self, module, input_names, output_names, device: str = "cpu", fp16: bool | None = None,
                  graph_shapes=()):
@@ -75,6 +94,7 @@ class TorchRuntime:
         self.module = module.to(self.device, self.dtype).eval()
         if self.device.type == "cuda":
             self.module = self.module.to(memory_format=torch.channels_last)
+            self._pool = torch.cuda.graph_pool_handle()  # graphs replay one at a time: one memory pool
         self.input_names, self.output_names = tuple(input_names), tuple(output_names)
         self.graphs: dict[tuple, tuple] = {}
         for shapes in graph_shapes:
@@ -87,7 +107,7 @@ class TorchRuntime:
         return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
     def capture(self, shapes: dict[str, tuple]) -> None:
-        """Record a CUDA graph for one set of input shapes (all other shapes run eagerly)."""
+        """Record a CUDA graph for one set of input shapes (all other shapes pad into one or run eagerly)."""
         torch = self.torch
         if self.device.type != "cuda":
             return
@@ -100,23 +120,95 @@ class TorchRuntime:
                 self.module(*static)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.inference_mode():
+        with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
             output = self.module(*static)
         self.graphs[tuple(tuple(s.shape) for s in static)] = (graph, static, output)
+
+    def graph_for(self, key: tuple) -> tuple | None:
+        """The exact graph, or the smallest one whose shapes match but for more rows."""
+        if key in self.graphs:
+            return self.graphs[key]
+        rows = key[0][0]
+        fits = [k for k in self.graphs if k[0][0] >= rows and all(a[1:] == b[1:] for a, b in zip(k, key))]
+        return self.graphs[min(fits, key=lambda k: k[0][0])] if fits else None
 
     def run(self, inputs):
         torch = self.torch
         as_numpy = not isinstance(next(iter(inputs.values())), torch.Tensor)
         tensors = [self._prepare(n, inputs[n]) for n in self.input_names]
-        key = tuple(tuple(t.shape) for t in tensors)
+        rows = tensors[0].shape[0]
         with torch.inference_mode():
-            if key in self.graphs:
-                graph, static, output = self.graphs[key]
+            found = self.graph_for(tuple(tuple(t.shape) for t in tensors)) if self.graphs else None
+            if found is not None:
+                graph, static, output = found
                 for dst, src in zip(static, tensors):
-                    dst.copy_(src)
+                    dst[:rows].copy_(src)
                 graph.replay()
-                output = output.clone()
+                output = output[:rows].clone()
             else:
                 output = self.module(*tensors)
-        output = output.float()
+            output = output.float()
+        if self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
         return {self.output_names[0]: output.cpu().numpy() if as_numpy else output}
+
+
+COMPONENT_FILE = "component.json"
+
+
+def save_torch_artifact(kind: str, module, folder: str | os.PathLike) -> Path:
+    """Write a component as a torch artifact: the diffusers/transformers model's own save_pretrained
+    folder (safetensors) plus component.json naming which component it is."""
+    import json
+
+    folder = Path(folder)
+    module.save_pretrained(str(folder))
+    (folder / COMPONENT_FILE).write_text(json.dumps({"kind": kind}) + "\n")
+    return folder
+
+
+def load_torch_runtime(folder: str | os.PathLike, device: str = "cpu", graph_shapes=()) -> TorchRuntime:
+    """A torch artifact -> TorchRuntime, with CUDA graphs for the given (rows, h, w) buckets."""
+    import json
+
+    from triffusion import contract
+    from triffusion.export.onnx_export import TextEncoderComponent, UNetComponent, VaeDecoderComponent
+
+    folder = Path(folder)
+    meta = folder / COMPONENT_FILE
+    if not meta.exists():
+        raise FileNotFoundError(f"{folder}: not a torch artifact (no {COMPONENT_FILE}); export with --runtime torch")
+    kind = json.loads(meta.read_text())["kind"]
+    if kind == contract.UNET:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(str(folder))
+        unet.set_attn_processor(_sdpa_processor())
+        component = UNetComponent(unet)
+        hidden, channels = unet.config.cross_attention_dim, unet.config.in_channels
+        shapes = [{"sample": (r, channels, h, w), "timestep": (r,),
+                   "encoder_hidden_states": (r, contract.TEXT_MAX_LENGTH, hidden)} for r, h, w in graph_shapes]
+    elif kind == contract.TEXT_ENCODER:
+        from transformers import CLIPTextModel
+
+        component = TextEncoderComponent(CLIPTextModel.from_pretrained(str(folder), attn_implementation="sdpa"))
+        shapes = [{"input_ids": (shape[0], contract.TEXT_MAX_LENGTH)} for shape in graph_shapes]
+    elif kind == contract.VAE_DECODER:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(str(folder))
+        component = VaeDecoderComponent(vae)
+        shapes = [{"latent": (r, vae.config.latent_channels, h, w)} for r, h, w in graph_shapes]
+    else:
+        raise ValueError(f"{meta}: unknown component kind '{kind}'")
+    return TorchRuntime(component.module, component.input_names, component.output_names, device=device,
+                        graph_shapes=shapes)
+
+
+def _sdpa_processor():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    return AttnProcessor2_0()
+
+
+RUNTIMES = {"onnxruntime": OnnxRuntime, "torch": TorchRuntime}

@@ -87,8 +87,9 @@ class TritonPythonModel:
             return TritonExecutor()
         if params["unet_executor"] != "inprocess":
             raise ValueError(f"unet_executor '{params['unet_executor']}' is unknown; choose bls or inprocess")
+        graphs = pipeline.get("graphs", {})
         return InProcessUNetExecutor({name: create_runtime(params["runtime"], repository / pipeline["artifacts"][name],
-                                                           device=params["device"])
+                                                           device=params["device"], graph_shapes=graphs.get(name, ""))
                                       for name in self.unets.values()})
 
     def execute(self, requests):

@@ -1,0 +1,62 @@
+"""The torch runtime served by the real server: components exported as torch folders, the orchestrator
+running the UNet in process with per-request state as torch tensors (the device-resident engine path
+a GPU host uses, here on the CPU). Images and UNet outputs match the ONNX repository's."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from triffusion.client import generate
+from triffusion.export.repository import write_repository
+from triffusion.server import TritonServer, free_port
+
+
+@pytest.fixture(scope="module")
+def torch_server(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("torch") / "model_repository"
+    subprocess.run([sys.executable, "-m", "triffusion.export", "build", "--preset", "tiny", "--runtime", "torch",
+                    "--sizes", "64,128", "--max-unet-rows", "8", "--no-profile", "--out", str(repo)], check=True)
+    pipeline = json.loads((repo / "orchestrator/1/pipeline.json").read_text())
+    write_repository(repo, pipeline, runtime="torch",
+                     orchestrator={"unet_executor": "inprocess", "runtime": "torch", "device": "cpu"})
+    with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) as server:
+        server.wait_ready(180)
+        yield server.urls["grpc"], repo
+
+
+def test_torch_repository_declares_graph_buckets(torch_server):
+    _, repo = torch_server
+    config = (repo / "unet/config.pbtxt").read_text()
+    assert 'key: "runtime" value { string_value: "torch" }' in config
+    assert "2x8x8,4x8x8,6x8x8,8x8x8" in config and "8x16x16" in config
+
+
+def test_unet_component_matches_the_onnx_one(server, torch_server):
+    rng = np.random.default_rng(3)
+    inputs = {"sample": rng.standard_normal((3, 4, 8, 16), dtype=np.float32),
+              "timestep": np.array([999.0, 500.0, 1.0], np.float32),
+              "encoder_hidden_states": rng.standard_normal((3, 77, 32), dtype=np.float32)}
+
+    def call(url):
+        client = grpcclient.InferenceServerClient(url)
+        tensors = []
+        for name, value in inputs.items():
+            tensor = grpcclient.InferInput(name, list(value.shape), "FP32")
+            tensor.set_data_from_numpy(value)
+            tensors.append(tensor)
+        return client.infer("unet", tensors).as_numpy("noise_pred")
+
+    assert np.abs(call(torch_server[0]) - call(server.grpc)).max() < 1e-4
+
+
+def test_device_resident_engine_gives_the_onnx_images(server, torch_server):
+    kwargs = dict(height=128, width=64, steps=6, seed=21)
+    torch_image = generate("a quiet harbour", url=torch_server[0], **kwargs)
+    onnx_image = generate("a quiet harbour", url=server.grpc, **kwargs)
+    difference = np.abs(torch_image.array.astype(int) - onnx_image.array.astype(int))
+    assert difference.max() <= 2, difference.max()
+    assert torch_image.metadata["steps_done"] == 6
