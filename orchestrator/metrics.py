@@ -20,8 +20,10 @@ class MetricsObserver(Observer):
             family("triffusion_queue_depth", "Requests waiting for a slot", gauge),
             family("triffusion_unet_batch_rows", "UNet rows per GPU call", histogram),
             family("triffusion_stage_seconds", "Time per stage", histogram),
+            family("triffusion_unet_call_seconds", "Time per UNet call, by rows in the call", histogram),
         ]
-        self._requests, self._slo, queue, batch, stage = self._families
+        self._requests, self._slo, queue, batch, stage, self._call_family = self._families
+        self._calls: dict[int, object] = {}  # rows -> histogram, made on first use
         self._queue = queue.Metric(labels={})
         self._batch = batch.Metric(labels={}, buckets=BATCH_BUCKETS)
         self._stage = {name: stage.Metric(labels={"stage": name}, buckets=SECONDS_BUCKETS)
@@ -43,6 +45,9 @@ class MetricsObserver(Observer):
     def unet_call(self, bucket, rows, seconds) -> None:
         self._batch.observe(rows)
         self._stage["unet"].observe(seconds)
+        if rows not in self._calls:
+            self._calls[rows] = self._call_family.Metric(labels={"rows": str(rows)}, buckets=SECONDS_BUCKETS)
+        self._calls[rows].observe(seconds)
 
     def stage(self, stage, seconds) -> None:
         self._stage[stage].observe(seconds)

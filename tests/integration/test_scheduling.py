@@ -53,7 +53,7 @@ def test_metrics_report_outcomes_batches_and_stages(server):
     finished = [l for l in text.splitlines() if l.startswith('triffusion_requests_total{outcome="finished"}')]
     assert finished and float(finished[0].split()[-1]) >= 1
     for name in ("triffusion_queue_depth", "triffusion_unet_batch_rows_bucket", "triffusion_stage_seconds_count",
-                 'triffusion_requests_total{outcome="rejected"}'):
+                 'triffusion_requests_total{outcome="rejected"}', 'triffusion_unet_call_seconds_count{rows="2"}'):
         assert name in text
 
 
