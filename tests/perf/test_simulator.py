@@ -1,0 +1,286 @@
+"""The scale-planning simulator on constructed profiles: exact queueing arithmetic, batching, capacity,
+cascades, determinism, validation arithmetic and the CLI's one-line errors. No server, no GPU."""
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from perf import simulator
+from perf.simulator import (CascadeSpec, LatencyModel, RequestMix, SimRequest, Simulator, arrivals_from_intervals,
+                            poisson_arrivals, read_intervals, scheduler_factory, simulate, validate)
+from triffusion.orchestrator.policies import create_policy
+from triffusion.orchestrator.scheduler import StepScheduler
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Binary-exact times, so hand-computed finish times compare with ==.
+ENCODE, STEP, DECODE = 0.0625, 0.125, 0.25
+
+
+def flat_profile(models=("unet",), rows=range(1, 17), size=64):
+    """UNet step time independent of rows (a GPU far from saturation), fixed encode and decode."""
+    return {"unet": [[m, size, size, r, STEP] for m in models for r in rows],
+            "stages": [["encode", 1, ENCODE], ["encode", 2, ENCODE], ["decode", size * size, DECODE]]}
+
+
+def linear_profile(models=("unet",)):
+    """A GPU that saturates: a step costs 10 ms plus 5 ms per UNet row."""
+    return {"unet": [[m, 64, 64, r, 0.01 + 0.005 * r] for m in models for r in (1, 2, 4, 8, 16)],
+            "stages": [["encode", 2, 0.005], ["decode", 64 * 64, 0.01]]}
+
+
+def request(arrival, **kw):
+    return SimRequest(arrival=arrival, **{"height": 64, "width": 64, "guidance_scale": 1.0, **kw})
+
+
+def test_one_gpu_one_at_a_time_is_a_hand_computed_fcfs_queue():
+    latency = LatencyModel(flat_profile())
+    make = lambda: StepScheduler(max_active=1, max_batch=1, policy=create_policy("fcfs"))
+    arrivals = [0.0, 0.25, 0.5, 3.0, 3.0625]
+    result = simulate([request(t, steps=3) for t in arrivals], 1, make, latency)
+    # One request at a time: encode, 3 steps, decode; the next one starts when the last one finished.
+    service = ENCODE + 3 * STEP + DECODE  # 0.6875 s
+    finish, expected = 0.0, []
+    for t in arrivals:
+        finish = max(finish, t) + service
+        expected.append(finish)
+    assert [r.finish for r in result.records] == expected
+    assert [r.latency for r in result.records] == [f - t for f, t in zip(expected, arrivals)]
+    assert all(r.model == "unet" and r.steps == 3 and r.rejected is None for r in result.records)
+    s = result.summary
+    assert s["attainment"] == 1.0 and s["mean_batch_rows"] == 1.0 and s["span_s"] == expected[-1]
+    assert s["gpu_utilization"] == [pytest.approx(5 * service / expected[-1])]
+
+
+def test_simultaneous_requests_share_every_unet_call_and_finish_together():
+    latency = LatencyModel(flat_profile())
+    make = lambda: StepScheduler(max_active=8, max_batch=16, policy=create_policy("fcfs"))
+    result = simulate([request(0.0, steps=4) for _ in range(6)], 1, make, latency)
+    # One encode of 6 rows, 4 shared steps, one decode of the six images (the VAE time scales with pixels).
+    finish = ENCODE + 4 * STEP + 6 * DECODE
+    assert [r.finish for r in result.records] == [finish] * 6
+    assert result.summary["mean_batch_rows"] == 6.0
+    one = simulate([request(0.0, steps=4)], 1, make, latency).records[0].finish
+    assert finish < 6 * one  # batched, not serialised
+
+
+def test_requests_of_two_resolutions_batch_per_bucket_and_decode_per_resolution():
+    profile = flat_profile()
+    profile["unet"] += [["unet", 128, 128, r, 2 * STEP] for r in range(1, 17)]
+    profile["stages"].append(["decode", 128 * 128, 2 * DECODE])
+    make = lambda: StepScheduler(max_active=8, policy=create_policy("fcfs"))
+    result = simulate([request(0.0, steps=2), request(0.0, steps=2, height=128, width=128)], 1, make,
+                      LatencyModel(profile))
+    # Decode runs right after the iteration's encode, one VAE call per resolution, in plan order.
+    denoise = 2 * (STEP + 2 * STEP)  # two steps, each one call per bucket
+    assert [r.finish for r in result.records] == [ENCODE + denoise + DECODE, ENCODE + denoise + DECODE + 2 * DECODE]
+    assert result.summary["mean_batch_rows"] == 1.0  # two buckets, two calls per step
+
+
+def test_runs_of_identical_iterations_replay_exactly_as_iteration_by_iteration(monkeypatch):
+    """The speed-up (one event per run of denoise-only iterations, caught up on arrival) changes nothing."""
+    # Concave in rows, so a bucket split differently across calls would take a different time.
+    profile = {"unet": [["unet", s, s, r, (s / 64) ** 2 * (0.01 + 0.005 * r ** 0.7)]
+                        for s in (64, 128) for r in range(1, 17)],
+               "stages": [["encode", 2, 0.005], ["decode", 64 * 64, 0.01]]}
+    rng = random.Random(4)
+    trace = [SimRequest(t, size, size, steps=rng.randint(3, 25), slo_ms=rng.choice([None, 1500, 4000]),
+                        priority=rng.randint(0, 3), guidance_scale=rng.choice([1.0, 7.5]),
+                        step_mode=rng.choice(["fixed", "auto"]))
+             for t in poisson_arrivals(20, 30, seed=5) for size in [rng.choice([64, 128])]]
+    # SRPT reorders a bucket mid-run: remaining work 12, 14, 16 (rows 1, 2, 1) becomes 9, 8, 13 after three
+    # steps, and max_batch 2 then packs the three into two calls instead of three.
+    flip = [SimRequest(0.0, 64, 64, steps=12, guidance_scale=1.0), SimRequest(0.0, 64, 64, steps=7),
+            SimRequest(0.0, 64, 64, steps=16, guidance_scale=1.0)]
+    cases = [(policy, trace, 6, 3) for policy in ("fcfs", "srpt", "priority")] + [("srpt", flip, 2, 1)]
+    for policy, requests, max_batch, gpus in cases:
+        make = scheduler_factory(profile, policy, max_active=8, max_queue=32, max_batch=max_batch)
+        replay = lambda: simulate(requests, gpus, make, LatencyModel(profile), auto_steps=lambda n: max(1, n // 2))
+        fast = replay()
+        with monkeypatch.context() as patch:
+            patch.setattr(simulator._Replay, "_repeats", staticmethod(lambda plan: 1))
+            slow = replay()
+        assert fast.records == slow.records
+        assert fast.summary == slow.summary
+        if requests is trace:
+            assert 0.3 < fast.summary["attainment"] < 0.99 and fast.summary["rejected"]  # a loaded case
+
+
+def poisson_trace(rate, duration, seed=1, slo_ms=2000, steps=20):
+    return RequestMix(sizes=(64,), steps=steps, slo_ms=slo_ms).requests(poisson_arrivals(rate, duration, seed), seed)
+
+
+def test_more_gpus_never_lower_attainment_on_the_same_trace():
+    profile = linear_profile()
+    make = scheduler_factory(profile, "edf", max_active=8, max_queue=16)
+    trace = poisson_trace(rate=12.0, duration=60)
+    attainment = [simulate(trace, gpus, make, LatencyModel(profile)).summary["attainment"] for gpus in (1, 2, 4)]
+    assert attainment[0] <= attainment[1] <= attainment[2]
+    assert attainment[0] < 0.9 and attainment[2] > 0.99
+
+
+def test_attainment_drops_past_capacity():
+    # Capacity: 8 active x 2 rows = one 0.09 s step for 8 requests, 20 steps -> about 4 requests/s.
+    profile = linear_profile()
+    make = scheduler_factory(profile, "edf", max_active=8, max_queue=64)
+    light = simulate(poisson_trace(rate=1.0, duration=120), 1, make, LatencyModel(profile)).summary
+    heavy = simulate(poisson_trace(rate=12.0, duration=120), 1, make, LatencyModel(profile)).summary
+    assert light["attainment"] >= 0.99 and not light["rejected"]
+    assert heavy["attainment"] < 0.9
+    assert heavy["rejected"] and set(heavy["rejected"]) <= {"queue_full", "rejected"}
+    assert heavy["mean_batch_rows"] > light["mean_batch_rows"]  # a busy GPU batches more
+    assert heavy["mean_gpu_utilization"] > 0.95 > light["mean_gpu_utilization"]
+    assert sum(heavy["rejected"].values()) + heavy["finished"] == heavy["requests"]
+
+
+def test_cascade_escalates_at_the_set_rate_and_answers_name_their_model():
+    profile = linear_profile(models=("light", "heavy"))
+    make = scheduler_factory(profile, "edf", max_active=8, max_queue=10_000)
+    mix = RequestMix(sizes=(64,), steps=10, slo_ms=None, model="light")
+    trace = mix.requests(poisson_arrivals(2.0, 1000, seed=3), seed=3)
+    cascade = CascadeSpec("light", "heavy", escalation_rate=0.3, seed=5, heavy_gpus=1)
+    result = Simulator(3, make, LatencyModel(profile), cascade=cascade).run(trace)
+    assert len(trace) > 1500
+    assert result.summary["escalation_rate"] == pytest.approx(0.3, abs=0.05)
+    escalated = [r for r in result.records if r.escalated]
+    assert {r.model for r in escalated} == {"heavy"}
+    assert {r.model for r in result.records if not r.escalated} == {"light"}
+    assert {r.gpu for r in escalated} == {2} and {r.gpu for r in result.records if not r.escalated} == {0, 1}
+    # Latency counts from the first arrival: an escalated answer took both runs.
+    alone = simulate([SimRequest(0.0, 64, 64, steps=10, model="heavy")], 1, make, LatencyModel(profile))
+    assert min(r.latency for r in escalated) > alone.records[0].latency
+    counts = result.summary["answers_by_model"]
+    assert counts == {"heavy": len(escalated), "light": len(trace) - len(escalated)}
+
+
+def test_a_requests_own_escalate_flag_overrides_the_rate():
+    profile = linear_profile(models=("light", "heavy"))
+    make = scheduler_factory(profile, "fcfs")
+    trace = [SimRequest(i * 5.0, 64, 64, steps=4, model="light", escalate=(i % 2 == 0)) for i in range(6)]
+    result = Simulator(1, make, LatencyModel(profile), cascade=CascadeSpec("light", "heavy", 0.0)).run(trace)
+    assert [r.model for r in result.records] == ["heavy", "light"] * 3
+    assert result.summary["escalation_rate"] == 0.5
+    # The heavy run keeps the first deadline: ~95 ms on each model leaves too little of a 150 ms SLO.
+    tight = [SimRequest(i * 5.0, 64, 64, steps=4, model="light", slo_ms=150, escalate=(i % 2 == 0)) for i in range(4)]
+    result = Simulator(1, make, LatencyModel(profile), cascade=CascadeSpec("light", "heavy", 0.0)).run(tight)
+    assert [r.rejected for r in result.records] == ["escalation_rejected", None] * 2
+    assert result.summary["attainment"] == 0.5 and result.summary["rejected"] == {"escalation_rejected": 2}
+
+
+def test_early_stop_runs_fewer_steps():
+    latency = LatencyModel(flat_profile())
+    make = lambda: StepScheduler(max_active=1, policy=create_policy("fcfs"))
+    explicit = simulate([request(0.0, steps=10, steps_run=4)], 1, make, latency).records[0]
+    assert (explicit.steps, explicit.finish) == (4, ENCODE + 4 * STEP + DECODE)
+    auto = Simulator(1, make, latency, auto_steps=lambda steps: steps // 2)
+    result = auto.run([request(0.0, steps=10, step_mode="auto"), request(0.0, steps=10)])
+    assert [r.steps for r in result.records] == [5, 10]  # only step_mode "auto" stops early
+
+
+def test_same_seed_same_replay_and_noise_changes_it():
+    profile = linear_profile()
+    make = scheduler_factory(profile, "edf", max_active=8, max_queue=16)
+    trace = poisson_trace(rate=6.0, duration=30)
+    run = lambda seed: [(r.finish, r.rejected, r.gpu) for r in
+                        simulate(trace, 2, make, LatencyModel(profile, noise=0.2, seed=seed)).records]
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_round_robin_alternates_and_least_loaded_spreads():
+    latency = LatencyModel(flat_profile())
+    make = lambda: StepScheduler(max_active=1)
+    trace = [request(0.0, steps=2) for _ in range(4)] + [request(10.0, steps=2) for _ in range(2)]
+    robin = simulate(trace, 3, make, latency, dispatch="round_robin")
+    assert [r.gpu for r in robin.records] == [0, 1, 2, 0, 1, 2]
+    least = simulate(trace, 3, make, latency)
+    assert [r.gpu for r in least.records] == [0, 1, 2, 0, 0, 1]
+
+
+def test_validate_gives_relative_errors_per_rate():
+    simulated = {"rates": {"1": {"attainment": 0.9, "throughput_rps": 2.0},
+                           "2": {"attainment": 0.5, "throughput_rps": 3.0}}}
+    measured = {"rates": {"1.0": {"attainment": 1.0, "throughput_rps": 2.5},
+                          "4": {"attainment": 0.1, "throughput_rps": 3.0}}}
+    report = validate(simulated, measured)
+    assert report["rates"]["1"]["attainment"] == {"simulated": 0.9, "measured": 1.0,
+                                                   "rel_error": pytest.approx(0.1)}
+    assert report["rates"]["1"]["throughput_rps"]["rel_error"] == pytest.approx(0.2)
+    assert report["max_rel_error"] == {"attainment": pytest.approx(0.1), "throughput_rps": pytest.approx(0.2)}
+    assert (report["simulated_only"], report["measured_only"]) == (["2"], ["4"])
+    with pytest.raises(ValueError, match=r"measured.rates.1.throughput_rps: missing"):
+        validate(simulated, {"rates": {"1": {"attainment": 1.0}}})
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match=r"profile.unet\[0\]"):
+        LatencyModel({"unet": [["unet", 64, 64, 1]], "stages": []})
+    with pytest.raises(ValueError, match="profile.stages: no 'decode' entry"):
+        LatencyModel({"unet": [["unet", 64, 64, 1, 0.1]], "stages": [["encode", 2, 0.01]]})
+    with pytest.raises(ValueError, match="steps: 0 is not allowed"):
+        SimRequest(0.0, steps=0)
+    latency = LatencyModel(flat_profile())
+    with pytest.raises(ValueError, match="request 1: model 'sdxl' is not in the latency profile; profiled: unet"):
+        simulate([request(0.0), request(1.0, model="sdxl")], 1, StepScheduler, latency)
+    with pytest.raises(ValueError, match="request 0: unknown field"):
+        simulate([{"arrival": 0.0, "hieght": 64}], 1, StepScheduler, latency)
+    shared = StepScheduler()
+    with pytest.raises(ValueError, match="same scheduler twice"):
+        simulate([request(0.0)], 2, lambda: shared, latency)
+
+
+def test_request_intervals_are_read_in_microseconds_and_rescaled(tmp_path):
+    path = tmp_path / "intervals.txt"
+    path.write_text("1000000\n\n500000\n")
+    intervals = read_intervals(path)
+    assert intervals == [1.0, 0.5]
+    assert arrivals_from_intervals(intervals) == [1.0, 1.5]
+    # Mean interval 0.75 s -> at 4/s every interval shrinks 3x; repeated to fill 1.2 s.
+    assert arrivals_from_intervals(intervals, rate=4.0, duration=1.2) == pytest.approx([1 / 3, 0.5, 5 / 6, 1.0])
+    path.write_text("1000\nsoon\n")
+    with pytest.raises(ValueError, match=r"line 2: 'soon' is not an interval in microseconds"):
+        read_intervals(path)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "perf.simulator", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_bad_files_are_one_error_line(tmp_path):
+    missing = run_cli("--profile", tmp_path / "nope.json", "--rates", "1")
+    assert missing.returncode != 0
+    assert missing.stderr.strip().splitlines() == [f"error: profile {tmp_path / 'nope.json'}: cannot read "
+                                                   "(No such file or directory)"]
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps(linear_profile()))
+    bad = tmp_path / "intervals.txt"
+    bad.write_text("-5\n")
+    wrong = run_cli("--profile", profile, "--request-intervals", bad)
+    assert wrong.returncode != 0 and wrong.stderr.count("\n") == 1
+    assert wrong.stderr.startswith(f"error: request intervals {bad} line 1: '-5'")
+
+
+def test_cli_sweeps_gpus_and_rates_and_validates(tmp_path):
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps(linear_profile()))
+    measured = tmp_path / "measured.json"
+    measured.write_text(json.dumps({"rates": {"1": {"attainment": 1.0, "throughput_rps": 1.0},
+                                              "12": {"attainment": 0.5, "throughput_rps": 4.0}}}))
+    out = tmp_path / "result.json"
+    done = run_cli("--profile", profile, "--gpus", "1,2", "--duration", "60", "--steps", "20", "--sizes", "64",
+                   "--slo-ms", "2000", "--policy", "edf", "--validate", measured, "--out", out)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"1", "2"} and set(report["results"]["1"]["rates"]) == {"1", "12"}
+    one = report["results"]["1"]["rates"]
+    assert one["1"]["attainment"] > one["12"]["attainment"]
+    # Per-GPU rates: two GPUs see twice the requests of one.
+    two = report["results"]["2"]["rates"]
+    assert two["12"]["requests"] > 1.5 * one["12"]["requests"]
+    row = report["validation"]["rates"]["12"]["attainment"]
+    assert row["rel_error"] == pytest.approx(abs(one["12"]["attainment"] - 0.5) / 0.5)
