@@ -28,6 +28,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--no-profile", action="store_true", help="skip the latency profile that seeds admission")
     b.add_argument("--unet-variant", action="append", default=[], metavar="PRESET",
                    help="serve another UNet beside the base one as model unet_<preset> (repeatable)")
+    b.add_argument("--cascade", metavar="PRESET", help="serve unet=cascade: this --unet-variant answers first, "
+                   "the quality gate sends low scores to the default UNet")
+    b.add_argument("--cascade-threshold", type=float, default=0.5, help="gate score below which a query escalates")
+    b.add_argument("--gate", help="trained gate weights (python -m triffusion.orchestrator.gate train); "
+                   "default: seeded random weights")
     b.add_argument("--target", choices=("embedded", "ngc"), default="embedded",
                    help="embedded: python-backend components; ngc: TensorRT engines for the tensorrt backend")
     b.add_argument("--runtime", choices=("onnxruntime", "torch"), default="onnxruntime",
@@ -56,10 +61,20 @@ def from_registry(path: Path, family: str | None):
     if any(v.model for v in others):
         raise SystemExit(f"{path}: families.{family}: extra variants must be presets for now (checkpoint "
                          "variants are not exported yet)")
+    cascade = None
+    if fam.cascade:
+        if fam.cascade["heavy"] != fam.default:
+            raise SystemExit(f"{path}: families.{family}.cascade.heavy must be the family's default variant "
+                             f"('{fam.default}'): the default UNet is the heavy model")
+        light = fam.variants[fam.cascade["light"]]
+        if not light.preset:
+            raise SystemExit(f"{path}: families.{family}.cascade.light must be a preset variant for now")
+        cascade = {"light": light.preset, "threshold": fam.cascade["threshold"],
+                   "options": fam.cascade.get("options", [])}
     section = {"family": family, "default": fam.default, "variants": {n: v.preset or v.model for n, v in fam.variants.items()},
                "cascade": fam.cascade, "styles": list(fam.styles), "entropy": fam.entropy,
                "slo_classes": registry.slo_classes}
-    return base.preset, base.model, tuple(v.preset for v in others), section
+    return base.preset, base.model, tuple(v.preset for v in others), section, cascade
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,10 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: pass --preset NAME, --model PATH, or --registry FILE --family NAME")
     try:
         preset, model, variants, registry = args.preset, args.model, tuple(args.unet_variant), None
+        cascade = {"light": args.cascade, "threshold": args.cascade_threshold} if args.cascade else None
+        if not 0.0 <= args.cascade_threshold <= 1.0:
+            raise ValueError(f"--cascade-threshold {args.cascade_threshold} is out of range; allowed 0..1")
         if args.registry:
-            preset, model, variants, registry = from_registry(args.registry, args.family)
+            preset, model, variants, registry, cascade = from_registry(args.registry, args.family)
         build(preset, model, args.out, registry=registry, seed=args.seed, force=args.force, save_pipeline_to=args.save_pipeline,
               vocab=args.vocab, fp16=args.fp16, profile=not args.no_profile, random_weights=args.random_weights, runtime=args.runtime,
+              cascade=cascade, gate=args.gate,
               device=args.device, target=args.target, max_unet_rows=args.max_unet_rows, plan_only=args.plan_only,
               sizes=[int(x) for x in args.sizes.split(",") if x] or None, unet_variants=variants)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:  # RegistryError is a ValueError

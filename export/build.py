@@ -157,12 +157,26 @@ def _export_torch(kind: str, module, out: Path, name: str, pipeline: Pipeline, f
     return rel
 
 
+def _write_gate(out: Path, gate: str | None, seed: int, log) -> dict:
+    """The cascade's quality gate: trained weights (orchestrator/gate.py train), or seeded random ones."""
+    from triffusion.orchestrator.gate import load_gate, random_gate, save_gate
+
+    rel = f"{contract.QUALITY_GATE}/1/gate.pt"
+    if gate:
+        save_gate(load_gate(gate).model, out / rel, source=str(gate))  # loading it checks it
+        log(f"{contract.QUALITY_GATE}: trained gate from {gate}")
+    else:
+        save_gate(random_gate(seed), out / rel, source="random", seed=seed)
+        log(f"{contract.QUALITY_GATE}: seeded random gate (train one with python -m triffusion.orchestrator.gate)")
+    return {"artifact": rel, "trained": bool(gate)}
+
+
 def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force: bool = False,
           save_pipeline_to: Path | None = None, vocab: str | None = None, fp16: bool = False,
           profile: bool = True, device: str = "cpu", target: str = "embedded", sizes: list[int] | None = None,
           max_unet_rows: int = 16, plan_only: bool = False, unet_variants: tuple[str, ...] = (),
           registry: dict | None = None, random_weights: bool = False, runtime: str = "onnxruntime",
-          log=print) -> dict:
+          cascade: dict | None = None, gate: str | None = None, log=print) -> dict:
     """Export a preset or a checkpoint (real or seeded random weights, see presets.resolve_pipeline)
     into a Triton model repository at `out`."""
     if not preset and not model:
@@ -175,6 +189,10 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
     fingerprint = _fingerprint(preset, model, seed, fp16, target, sizes, max_unet_rows, unet_variants,
                                random_weights, runtime)
     fingerprint["registry"] = registry
+    fingerprint["cascade"], fingerprint["gate"] = cascade, gate
+    if cascade and cascade["light"] not in unet_variants:
+        raise SystemExit(f"--cascade {cascade['light']}: the light model must be served too; add "
+                         f"--unet-variant {cascade['light']}")
     manifest = None if force else _up_to_date(out, fingerprint)
     if manifest is not None:
         log(f"{out}: up to date (export_manifest.json matches); --force rebuilds")
@@ -211,6 +229,10 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
         info["served_sizes"] = sizes or [info["limits"]["default_height"]]
         buckets = graph_buckets(info["served_sizes"], max_unet_rows, info["vae_scale_factor"])
         info["graphs"] = {name: format_graph_shapes(buckets[kind_of(name)]) for name in artifacts}
+    if cascade:
+        info["cascade"] = {"light": variants[cascade["light"]], "heavy": contract.UNET,
+                           "threshold": cascade.get("threshold", 0.5), "options": cascade.get("options", [])}
+        info["gate"] = _write_gate(out, gate, seed, log)
     if registry:  # the orchestrator reads the family's policies (entropy, cascade, SLO classes) from here
         info["registry"] = registry
     if target == "ngc":

@@ -59,8 +59,10 @@ def text_to_image_config(instances: int) -> str:
 
 
 def default_limits(pipeline: dict) -> dict:
-    limits = {"size_multiple": pipeline["vae_scale_factor"] * pipeline.get("latent_multiple", 1),
-              "unets": sorted(pipeline.get("unets", {"default": contract.UNET}))}
+    unets = sorted(pipeline.get("unets", {"default": contract.UNET}))
+    if pipeline.get("cascade"):
+        unets.append(contract.CASCADE)
+    limits = {"size_multiple": pipeline["vae_scale_factor"] * pipeline.get("latent_multiple", 1), "unets": unets}
     limits.update(pipeline.get("limits", {}))
     return limits
 
@@ -98,6 +100,12 @@ def write_repository(out_dir: Path, pipeline: dict, *, runtime: str = "onnxrunti
     (orch_dir / "config.pbtxt").write_text(orchestrator_config({**defaults, **(orchestrator or {})}))
     served = {**pipeline, "limits": default_limits(pipeline)}
     (orch_dir / "1" / "pipeline.json").write_text(json.dumps(served, indent=2, sort_keys=True, default=str))
+    if pipeline.get("gate"):  # cascades: the quality gate is a Triton model of its own
+        gate_dir = out_dir / contract.QUALITY_GATE
+        _copy_adapter(contract.QUALITY_GATE, gate_dir)
+        (gate_dir / "config.pbtxt").write_text(component_config(
+            contract.QUALITY_GATE, contract.QUALITY_GATE_IO,
+            {"artifact": Path(pipeline["gate"]["artifact"]).name, "device": device}))
     _copy_adapter(contract.TEXT_TO_IMAGE, out_dir / contract.TEXT_TO_IMAGE)
     (out_dir / contract.TEXT_TO_IMAGE / "config.pbtxt").write_text(text_to_image_config(unary_instances))
     return out_dir

@@ -71,3 +71,45 @@ def choose(options: list[Option], demand: float, gpus: int, utilization: float =
         if best is None or key > best[0]:
             best = (key, Decision(option, *split, inputs={"demand": demand, "gpus": gpus, "utilization": utilization}))
     return best[1] if best else None
+
+
+@dataclass
+class LoadController:
+    """Re-chooses the cascade's operating point as demand changes (DiffServe's controller): every
+    `interval_s` it estimates the arrival rate (EWMA over windows) and picks, with `choose`, the highest
+    quality option that the GPUs carry at that rate. Decisions and their inputs go out as metrics."""
+
+    options: list[Option]
+    gpus: int = 1
+    utilization: float = 0.8
+    interval_s: float = 5.0
+    alpha: float = 0.5  # EWMA weight of the newest window
+    demand: float | None = None
+    _window_start: float | None = None
+    _arrivals: int = 0
+    last: Decision | None = None
+
+    def observe_arrival(self, now: float) -> None:
+        if self._window_start is None:
+            self._window_start = now
+        self._arrivals += 1
+
+    def decide(self, now: float) -> Decision | None:
+        """A new decision when a window has closed, else None."""
+        if self._window_start is None or now - self._window_start < self.interval_s:
+            return None
+        rate = self._arrivals / (now - self._window_start)
+        self.demand = rate if self.demand is None else (1 - self.alpha) * self.demand + self.alpha * rate
+        self._window_start, self._arrivals = now, 0
+        decision = choose(self.options, self.demand, self.gpus, self.utilization)
+        if decision is None:  # nothing fits: the cheapest option sheds the least
+            cheapest = min(self.options, key=lambda o: o.light_s + o.escalation * o.heavy_s)
+            decision = Decision(cheapest, self.gpus, 0, inputs={"demand": self.demand, "gpus": self.gpus,
+                                                                  "utilization": self.utilization, "overloaded": True})
+        self.last = decision
+        return decision
+
+
+def options_from(rows: list[dict]) -> list[Option]:
+    """Operating points from the registry (cascade.options), validated by the registry loader."""
+    return [Option(**row) for row in rows]

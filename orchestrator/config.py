@@ -3,6 +3,7 @@ at model load with its name, and the Triton adapter stays thin."""
 
 from __future__ import annotations
 
+from .cascade import LoadController, options_from
 from .engine import Engine, Observer, PipelineSpec
 from .params import Limits
 from .patches import PatchGrid
@@ -13,14 +14,35 @@ from .scheduler import StepScheduler
 DEFAULTS = {"max_active": "8", "max_queue": "64", "max_batch": "16", "policy": "edf", "hybrid": "bucket",
             "patch": "8", "halo": "4", "unet_executor": "bls", "runtime": "onnxruntime", "device": "cpu"}
 ENTROPY = {"entropy_threshold": float, "entropy_patience": int, "entropy_min_fraction": float}
+# Optional overrides of the pipeline's cascade: a fixed gate threshold, the controller's cadence and GPUs.
+CASCADE = {"cascade_threshold": float, "controller_interval_s": float, "controller_gpus": int}
 
 
 def check_parameters(params: dict[str, str]) -> dict[str, str]:
-    unknown = set(params) - set(DEFAULTS) - set(ENTROPY)
+    known = set(DEFAULTS) | set(ENTROPY) | set(CASCADE)
+    unknown = set(params) - known
     if unknown:
         raise ValueError(f"unknown orchestrator parameter(s): {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join(sorted(set(DEFAULTS) | set(ENTROPY)))}")
+                         f"known: {', '.join(sorted(known))}")
     return {**DEFAULTS, **params}
+
+
+def cascade_of(params: dict[str, str], pipeline: dict) -> tuple[dict | None, LoadController | None]:
+    """The pipeline's cascade (light, heavy, threshold) and, when it lists operating points, a controller.
+    A `cascade_threshold` parameter fixes the threshold (benchmarks pick the escalated fraction)."""
+    cascade = pipeline.get("cascade")
+    if not cascade:
+        return None, None
+    cascade = dict(cascade)
+    if "cascade_threshold" in params:
+        cascade["threshold"] = float(params["cascade_threshold"])
+        return cascade, None
+    options = cascade.get("options")
+    if not options:
+        return cascade, None
+    controller = LoadController(options_from(options), gpus=int(params.get("controller_gpus", 1)),
+                                interval_s=float(params.get("controller_interval_s", 5.0)))
+    return cascade, controller
 
 
 def spec_of(pipeline: dict) -> PipelineSpec:
@@ -30,8 +52,11 @@ def spec_of(pipeline: dict) -> PipelineSpec:
 
 
 def unets_of(pipeline: dict) -> dict[str, str]:
-    """Request-facing UNet variant -> Triton model name."""
-    return pipeline.get("unets", {"default": "unet"})
+    """Request-facing UNet variant -> Triton model name ("cascade" starts on the light model)."""
+    unets = dict(pipeline.get("unets", {"default": "unet"}))
+    if pipeline.get("cascade"):
+        unets["cascade"] = pipeline["cascade"]["light"]
+    return unets
 
 
 def build_engine(params: dict[str, str], pipeline: dict, executor, *, profile: dict | None = None,
@@ -51,6 +76,7 @@ def build_engine(params: dict[str, str], pipeline: dict, executor, *, profile: d
     entropy.update({key.removeprefix("entropy_"): cast(params[key]) for key, cast in ENTROPY.items() if key in params})
     # An in-process torch UNet keeps per-request state on its device; everything else speaks numpy.
     device = params["device"] if params["unet_executor"] == "inprocess" and params["runtime"] == "torch" else None
-    engine = Engine(executor, spec, scheduler, observer=observer, device=device,
-                    entropy={name: entropy for name in unets_of(pipeline).values()})
+    cascade, controller = cascade_of(params, pipeline)
+    engine = Engine(executor, spec, scheduler, observer=observer, device=device, cascade=cascade,
+                    controller=controller, entropy={name: entropy for name in unets_of(pipeline).values()})
     return engine, Limits.from_dict(pipeline.get("limits", {}))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .cascade import CascadeRouter, LoadController
 from .executor import Executor
 from .request import RequestState, Status
 from .sampling import Sampler, latent_preview, to_uint8_image
@@ -40,13 +41,21 @@ class Observer:
     def unet_call(self, bucket: tuple, rows: int, seconds: float) -> None: ...
     def stage(self, stage: str, seconds: float) -> None: ...
     def queue_depth(self, depth: int) -> None: ...
+    def cascade(self, score: float, escalated: bool, router) -> None: ...
+    def decision(self, decision) -> None: ...
 
 
 class Engine:
     def __init__(self, executor: Executor, spec: PipelineSpec, scheduler: StepScheduler | None = None,
                  clock=time.monotonic, observer: Observer | None = None, pipelined: bool = True,
-                 entropy: dict[str, dict] | None = None, device: str | None = None):
+                 entropy: dict[str, dict] | None = None, device: str | None = None,
+                 cascade: dict | None = None, controller: LoadController | None = None):
         self.executor, self.spec, self.clock = executor, spec, clock
+        # Cascade: {"light": model, "heavy": model, "threshold": gate score below which the heavy redoes it}.
+        self.cascade = cascade
+        self.router = CascadeRouter(cascade["threshold"]) if cascade else None
+        self.controller = controller  # re-chooses the threshold and step budget as demand changes
+        self.step_budget: int | None = None
         # device: latents and text embeddings live there and the executor takes and returns torch tensors
         # (an in-process torch UNet); None: the executor speaks numpy (BLS, onnxruntime).
         self.device = torch.device(device) if device else None
@@ -65,6 +74,10 @@ class Engine:
         """Queue a request; raises QueueFull (bounded queue) or Rejected (SLO infeasible) at once."""
         with self._cv:
             now = self.clock()
+            if self.controller is not None:
+                self.controller.observe_arrival(now)
+            if state.cascade and self.step_budget and state.params.steps > self.step_budget:
+                state.degraded_from, state.params.steps = state.params.steps, self.step_budget
             try:
                 self.scheduler.add(state, now)
             except Exception:
@@ -95,15 +108,27 @@ class Engine:
                     self._cv.wait()
                 if self._stopping:
                     break
+                self._control(self.clock())
                 plan = self.scheduler.schedule(self.clock())
                 self.observer.queue_depth(self.scheduler.queue_depth)
             self.execute(plan)
         for state in list(self.scheduler.waiting) + list(self.scheduler.running):
             self._fail(state, Status.FAILED, "server is shutting down")
 
+    def _control(self, now: float) -> None:
+        """Apply the load-adaptive controller's decision, when it makes one (every interval)."""
+        if self.controller is None or self.router is None:
+            return
+        decision = self.controller.decide(now)
+        if decision is not None:
+            self.router.threshold = decision.option.threshold
+            self.step_budget = decision.option.steps
+            self.observer.decision(decision)
+
     def step(self) -> bool:
         """One iteration on the caller's thread (tests drive the engine this way)."""
         with self._cv:
+            self._control(self.clock())
             plan = self.scheduler.schedule(self.clock())
         self.execute(plan)
         return not plan.empty
@@ -239,12 +264,36 @@ class Engine:
             self.predictor.observe_stage("decode", len(group) * group[0].params.height * group[0].params.width,
                                          elapsed)
             self.observer.stage("decode", elapsed)
-            for state, image in zip(group, images):
+            pixels = [to_uint8_image(image).numpy() for image in images]
+            gated = [i for i, state in enumerate(group) if state.cascade and not state.escalated]
+            if gated:  # cascade: the gate scores the light model's answers in one call
+                scores = self.executor.score(np.stack([pixels[i] for i in gated]))
+                for i, score in zip(gated, scores):
+                    group[i].gate_score = float(score)
+            for state, image in zip(group, pixels):
+                if state.cascade and not state.escalated:
+                    escalate = self.router.route(state.gate_score) == "heavy"
+                    self.observer.cascade(state.gate_score, escalate, self.router)
+                    if escalate:
+                        self._escalate(state)
+                        continue
                 state.enter(Status.FINISHED, self.clock())
                 with self._cv:
                     self.scheduler.release(state)
                 self.observer.request_done(state)
-                state.sink.finish(to_uint8_image(image).numpy(), self.metadata(state))
+                state.sink.finish(image, self.metadata(state))
+
+    def _escalate(self, state: RequestState) -> None:
+        """Redo the request on the heavy model: it keeps its slot, its deadline and its text embeddings
+        (the variants share the text encoder), and starts from the same seeded noise."""
+        state.escalated, state.model = True, self.cascade["heavy"]
+        h_w = (state.params.height // self.spec.vae_scale_factor, state.params.width // self.spec.vae_scale_factor)
+        state.sampler = Sampler(state.params, self.spec.scheduler_config, (self.spec.latent_channels, *h_w),
+                                device=self.device or "cpu")
+        state.steps_done, state.steps_target, state.last_step_pending = 0, state.sampler.total, False
+        if state.stopper is not None:
+            state.stopper = EntropyStop(**self.entropy.get(state.model, {}))
+        state.enter(Status.DENOISING, self.clock())
 
     def _fail(self, state: RequestState, status: Status, message: str) -> None:
         state.error = message
@@ -274,6 +323,8 @@ class Engine:
             "slo_met": state.slo_met,
             "priority": p.priority,
             "degraded_from_steps": state.degraded_from,
+            "cascade": ({"light": self.cascade["light"], "score": state.gate_score, "threshold": self.router.threshold,
+                         "escalated": state.escalated} if state.cascade else None),
             "timings_ms": {
                 "queue": ms("queued", "encoding"),
                 "encode": ms("encoding", "denoising"),

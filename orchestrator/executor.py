@@ -19,12 +19,15 @@ class Executor(Protocol):
     def decode(self, latent: np.ndarray) -> np.ndarray:
         """(N, 4, h, w) scaled latents -> (N, 3, 8h, 8w) images in [-1, 1]."""
 
+    def score(self, images: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 images -> (N,) quality-gate scores in [0, 1] (cascades only)."""
+
 
 class RuntimeExecutor:
     """Runs the exported components in this process (tests, benchmarks, the in-process baseline)."""
 
-    def __init__(self, text_encoder, unets: dict, vae_decoder):
-        self.text_encoder, self.unets, self.vae_decoder = text_encoder, unets, vae_decoder
+    def __init__(self, text_encoder, unets: dict, vae_decoder, gate=None):
+        self.text_encoder, self.unets, self.vae_decoder, self.gate = text_encoder, unets, vae_decoder, gate
 
     def encode(self, input_ids):
         return self.text_encoder.run({"input_ids": input_ids})["text_embeddings"]
@@ -35,3 +38,8 @@ class RuntimeExecutor:
 
     def decode(self, latent):
         return self.vae_decoder.run({"latent": latent})["image"]
+
+    def score(self, images):
+        if self.gate is None:
+            raise RuntimeError("no quality gate is loaded; cascades need one")
+        return self.gate.score(images)

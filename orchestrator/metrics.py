@@ -21,8 +21,18 @@ class MetricsObserver(Observer):
             family("triffusion_unet_batch_rows", "UNet rows per GPU call", histogram),
             family("triffusion_stage_seconds", "Time per stage", histogram),
             family("triffusion_unet_call_seconds", "Time per UNet call, by rows in the call", histogram),
+            family("triffusion_cascade_total", "Cascade answers by route (light kept, heavy redone)", counter),
+            family("triffusion_cascade", "Cascade gate state: threshold, escalation rate, last score", gauge),
+            family("triffusion_controller", "Load-adaptive controller: decision and its inputs", gauge),
         ]
-        self._requests, self._slo, queue, batch, stage, self._call_family = self._families
+        (self._requests, self._slo, queue, batch, stage, self._call_family, routes, cascade,
+         controller) = self._families
+        self._routes = {route: routes.Metric(labels={"route": route}) for route in ("light", "heavy")}
+        self._cascade = {key: cascade.Metric(labels={"value": key})
+                         for key in ("threshold", "escalation_rate", "last_score")}
+        self._controller = {key: controller.Metric(labels={"value": key})
+                            for key in ("demand_rps", "threshold", "steps", "light_gpus", "heavy_gpus",
+                                        "expected_quality", "expected_escalation")}
         self._calls: dict[int, object] = {}  # rows -> histogram, made on first use
         self._queue = queue.Metric(labels={})
         self._batch = batch.Metric(labels={}, buckets=BATCH_BUCKETS)
@@ -54,3 +64,17 @@ class MetricsObserver(Observer):
 
     def queue_depth(self, depth) -> None:
         self._queue.set(depth)
+
+    def cascade(self, score, escalated, router) -> None:
+        self._routes["heavy" if escalated else "light"].increment(1)
+        self._cascade["threshold"].set(router.threshold)
+        self._cascade["escalation_rate"].set(router.escalation_rate)
+        self._cascade["last_score"].set(score)
+
+    def decision(self, decision) -> None:
+        option = decision.option
+        values = {"demand_rps": decision.inputs.get("demand", 0.0), "threshold": option.threshold,
+                  "steps": option.steps, "light_gpus": decision.light_gpus, "heavy_gpus": decision.heavy_gpus,
+                  "expected_quality": option.quality, "expected_escalation": option.escalation}
+        for key, value in values.items():
+            self._controller[key].set(float(value))

@@ -53,6 +53,26 @@ def _only(data: dict, allowed: set[str], path: str) -> None:
         raise RegistryError(f"{path}.{sorted(unknown)[0]}: unknown key; allowed: {', '.join(sorted(allowed))}")
 
 
+OPTION_KEYS = {"threshold": (0.0, 1.0), "steps": (1, 1000), "escalation": (0.0, 1.0), "quality": (0.0, None),
+               "light_s": (0.0, None), "heavy_s": (0.0, None)}
+
+
+def _check_options(options, path: str) -> None:
+    """Controller operating points (profiled offline): every key present, every value in range."""
+    if not isinstance(options, list):
+        raise RegistryError(f"{path}: expected a list of operating points")
+    for i, row in enumerate(options):
+        where = f"{path}[{i}]"
+        if not isinstance(row, dict):
+            raise RegistryError(f"{where}: expected a mapping with {', '.join(OPTION_KEYS)}")
+        _only(row, set(OPTION_KEYS), where)
+        for key, (low, high) in OPTION_KEYS.items():
+            value = _require(row, key, (int, float), where)
+            if value < low or (high is not None and value > high):
+                allowed = f"{low}..{high}" if high is not None else f">= {low}"
+                raise RegistryError(f"{where}.{key}: {value} is out of range; allowed {allowed}")
+
+
 def parse_registry(data: dict, presets: set[str] | None = None) -> Registry:
     """Validate and build; `presets` (the export's preset names) checks variant presets when given."""
     if not isinstance(data, dict):
@@ -79,7 +99,8 @@ def parse_registry(data: dict, presets: set[str] | None = None) -> Registry:
             raise RegistryError(f"{path}.default: '{default}' is not a variant; variants: {', '.join(variants)}")
         cascade = body.get("cascade")
         if cascade is not None:
-            _only(cascade, {"light", "heavy", "threshold"}, f"{path}.cascade")
+            _only(cascade, {"light", "heavy", "threshold", "options"}, f"{path}.cascade")
+            _check_options(cascade.get("options", []), f"{path}.cascade.options")
             for role in ("light", "heavy"):
                 if _require(cascade, role, str, f"{path}.cascade") not in variants:
                     raise RegistryError(f"{path}.cascade.{role}: '{cascade[role]}' is not a variant of {name}; "

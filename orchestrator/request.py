@@ -56,6 +56,9 @@ class RequestState:
     degraded_from: int | None = None  # requested steps when admission served fewer
     stopper: Any = None  # step_mode "auto": decides when the latent has settled
     last_step_pending: bool = False  # the next evaluation jumps to the clean sample
+    cascade: bool = False  # runs on the light model first; the gate decides whether the heavy one redoes it
+    escalated: bool = False  # the gate sent it to the heavy model
+    gate_score: float | None = None
 
     @property
     def deadline(self) -> float | None:

@@ -12,13 +12,14 @@ from triffusion.server import TritonServer, free_port
 
 
 MAX_ACTIVE = 4
+CASCADE_THRESHOLD = 1.01
 
 
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory):
     out = tmp_path_factory.mktemp("repo") / "model_repository"
     subprocess.run([sys.executable, "-m", "triffusion.export", "build", "--preset", "tiny", "--out", str(out),
-                    "--unet-variant", "tiny-lite"], check=True)
+                    "--unet-variant", "tiny-lite", "--cascade", "tiny-lite"], check=True)
     return out
 
 
@@ -30,8 +31,11 @@ def server(tiny_repository):
     # Few slots make slot release observable: a request beyond them only runs once one is free.
     # An entropy threshold above any possible change (64 bins: at most 6 bits) makes step_mode=auto stop
     # exactly at its minimum fraction, so the plumbing is testable; the policy has its own unit tests.
+    # A cascade threshold above any gate score escalates every cascade request (the heavy path); the torch
+    # runtime's server in tests/integration uses 0 (the light path).
     write_repository(tiny_repository, pipeline, orchestrator={"max_active": MAX_ACTIVE, "max_queue": 32,
-                                                              "entropy_threshold": 8.0, "entropy_min_fraction": 0.4})
+                                                              "entropy_threshold": 8.0, "entropy_min_fraction": 0.4,
+                                                              "cascade_threshold": CASCADE_THRESHOLD})
     ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
     with TritonServer(tiny_repository, **ports) as srv:
         srv.wait_ready(timeout_s=180)

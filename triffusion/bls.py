@@ -52,6 +52,9 @@ class TritonExecutor:
     def decode(self, latent):
         return infer(self.vae_decoder, {"latent": latent}, ["image"])["image"]
 
+    def score(self, images):
+        return infer(contract.QUALITY_GATE, {"image": images}, ["score"])["score"]
+
 
 class InProcessUNetExecutor(TritonExecutor):
     """Text encoder and VAE over BLS (once per request), UNet steps in this process: the per-step BLS

@@ -16,6 +16,8 @@ UNET = "unet"
 VAE_DECODER = "vae_decoder"
 ORCHESTRATOR = "orchestrator"  # decoupled: gRPC streaming, progress, cancellation
 TEXT_TO_IMAGE = "text_to_image"  # unary proxy of the orchestrator: HTTP and plain gRPC infer
+QUALITY_GATE = "quality_gate"  # cascades: scores a light model's image; low scores are redone on the heavy one
+CASCADE = "cascade"  # the `unet` input value that asks for the cascade (light first, gated escalation)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,11 @@ VAE_DECODER_IO = (
     (TensorSpec("image", "FP32", (-1, 3, -1, -1)),),
 )
 COMPONENT_IO = {TEXT_ENCODER: TEXT_ENCODER_IO, UNET: UNET_IO, VAE_DECODER: VAE_DECODER_IO}
+# The gate takes a batch of same-size generated images and returns one score in [0, 1] per image.
+QUALITY_GATE_IO = (
+    (TensorSpec("image", "UINT8", (-1, -1, -1, 3)),),
+    (TensorSpec("score", "FP32", (-1,)),),
+)
 
 # Orchestrator request inputs: every one has shape [1]; only prompt is required.
 REQUEST_INPUTS = (
@@ -62,7 +69,7 @@ REQUEST_INPUTS = (
     TensorSpec("min_steps", "INT32", (1,)),  # may serve fewer steps, down to this, to meet slo_ms
     TensorSpec("step_mode", "BYTES", (1,)),  # "fixed" (default) or "auto"
     TensorSpec("preview_every", "INT32", (1,)),  # with stream: a low-resolution preview every N steps
-    TensorSpec("unet", "BYTES", (1,)),  # which served UNet variant: "default" or a preset named at export
+    TensorSpec("unet", "BYTES", (1,)),  # which served UNet variant: "default", a preset named at export, or "cascade"
 )
 # Final response: image (H, W, 3) uint8 and metadata JSON. Progress responses carry only
 # progress = [step, steps] (1-based step).

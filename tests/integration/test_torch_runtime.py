@@ -19,10 +19,12 @@ from triffusion.server import TritonServer, free_port
 def torch_server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("torch") / "model_repository"
     subprocess.run([sys.executable, "-m", "triffusion.export", "build", "--preset", "tiny", "--runtime", "torch",
-                    "--sizes", "64,128", "--max-unet-rows", "8", "--no-profile", "--out", str(repo)], check=True)
+                    "--sizes", "64,128", "--max-unet-rows", "8", "--no-profile", "--unet-variant", "tiny-lite",
+                    "--cascade", "tiny-lite", "--out", str(repo)], check=True)
     pipeline = json.loads((repo / "orchestrator/1/pipeline.json").read_text())
     write_repository(repo, pipeline, runtime="torch",
-                     orchestrator={"unet_executor": "inprocess", "runtime": "torch", "device": "cpu"})
+                     orchestrator={"unet_executor": "inprocess", "runtime": "torch", "device": "cpu",
+                                   "cascade_threshold": 0.0})  # no gate score is below 0: the light path
     with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) as server:
         server.wait_ready(180)
         yield server.urls["grpc"], repo
@@ -60,3 +62,13 @@ def test_device_resident_engine_gives_the_onnx_images(server, torch_server):
     difference = np.abs(torch_image.array.astype(int) - onnx_image.array.astype(int))
     assert difference.max() <= 2, difference.max()
     assert torch_image.metadata["steps_done"] == 6
+
+
+def test_cascade_keeps_the_light_answer_when_the_gate_passes_it(torch_server):
+    url = torch_server[0]
+    kwargs = dict(height=64, width=64, steps=4, seed=5)
+    cascade = generate("a quiet harbour", url=url, unet="cascade", **kwargs)
+    light = generate("a quiet harbour", url=url, unet="tiny-lite", **kwargs)
+    assert cascade.metadata["unet"] == "unet_tiny_lite" and cascade.metadata["cascade"]["escalated"] is False
+    assert 0.0 <= cascade.metadata["cascade"]["score"] <= 1.0
+    assert cascade.array.tobytes() == light.array.tobytes()

@@ -102,7 +102,7 @@ class TritonPythonModel:
                 state = RequestState(request_id=request.request_id() or f"req-{self.counter}", params=params, sink=sink,
                                      input_ids=self.tokenizer.input_ids(params.prompt, params.negative_prompt,
                                                                         params.uses_cfg),
-                                     model=self.unets[params.unet])
+                                     model=self.unets[params.unet], cascade=params.unet == "cascade")
                 self.engine.submit(state)
             except InvalidRequest as exc:
                 sink.send_error("INVALID_ARG", str(exc))

@@ -1,0 +1,29 @@
+"""Triton adapter for the cascade's quality gate: a batch of uint8 images in, one score each out.
+The discriminator and its training live in triffusion.orchestrator.gate."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from triffusion.orchestrator.gate import load_gate
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.gate = load_gate(version_dir / params.get("artifact", "gate.pt"), device=params.get("device", "cpu"))
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                images = pb_utils.get_input_tensor_by_name(request, "image").as_numpy()
+                scores = self.gate.score(images).astype(np.float32)
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("score", scores)]))
+            except Exception as exc:  # a bad image must fail this request, not the model
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"quality_gate: {exc}")))
+        return responses

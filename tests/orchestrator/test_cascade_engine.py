@@ -1,0 +1,134 @@
+"""Cascades in the engine on a fake executor: the light model answers first, the gate's score decides,
+an escalated request is redone on the heavy model from the same noise, and the answer names its model.
+The load-adaptive controller's decisions reach the router and the step budget."""
+
+import numpy as np
+
+from triffusion.orchestrator.cascade import LoadController, Option
+from triffusion.orchestrator.engine import Engine, Observer, PipelineSpec
+from triffusion.orchestrator.scheduler import StepScheduler
+
+from .fakes import SCHEDULER_CONFIG, FakeExecutor, SimClock, make_state
+
+
+class GatedExecutor(FakeExecutor):
+    """The heavy model predicts differently from the light one; the gate's scores are scripted."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = list(scores)
+        self.models: list[str] = []
+
+    def denoise(self, model, sample, timestep, text_embeddings):
+        self.models.append(model)
+        out = super().denoise(model, sample, timestep, text_embeddings)
+        return out * (1.5 if model == "heavy" else 1.0)
+
+    def score(self, images):
+        self.calls.append(("score", len(images)))
+        return np.array([self.scores.pop(0) for _ in images], np.float32)
+
+
+class Recorder(Observer):
+    def __init__(self):
+        self.routes, self.decisions = [], []
+
+    def cascade(self, score, escalated, router):
+        self.routes.append((score, escalated))
+
+    def decision(self, decision):
+        self.decisions.append(decision)
+
+
+def make_engine(executor, threshold=0.5, controller=None, clock=None):
+    return Engine(executor, PipelineSpec(model="fake", scheduler_config=SCHEDULER_CONFIG), StepScheduler(),
+                  cascade={"light": "light", "heavy": "heavy", "threshold": threshold}, controller=controller,
+                  observer=Recorder(), clock=clock or SimClock())
+
+
+def run(engine, states):
+    for state in states:
+        engine.submit(state)
+    for _ in range(200):
+        if not engine.scheduler.has_work:
+            return [state.sink.events[-1] for state in states]
+        engine.step()
+    raise AssertionError("engine did not drain")
+
+
+def served_alone(model, i):
+    """The same request on one model with no cascade: what an escalated answer must equal."""
+    executor = GatedExecutor([])
+    engine = Engine(executor, PipelineSpec(model="fake", scheduler_config=SCHEDULER_CONFIG), StepScheduler())
+    state = make_state(i, seed=10 + i, stream=False)
+    state.model = model
+    return run(engine, [state])[0][1]
+
+
+def cascade_state(i):
+    state = make_state(i, seed=10 + i, stream=False)
+    state.model, state.cascade = "light", True
+    return state
+
+
+def test_high_scores_keep_the_light_answer_and_low_scores_are_redone_on_the_heavy_model():
+    executor = GatedExecutor([0.9, 0.1])
+    engine = make_engine(executor)
+    (kind0, image0, meta0), (kind1, image1, meta1) = run(engine, [cascade_state(0), cascade_state(1)])
+    assert kind0 == kind1 == "finish"
+    assert meta0["unet"] == "light" and meta0["cascade"] == {"light": "light", "score": np.float32(0.9).item(),
+                                                            "threshold": 0.5, "escalated": False}
+    assert meta1["unet"] == "heavy" and meta1["cascade"]["escalated"] is True
+    assert meta1["steps_done"] == 4
+    # Escalation starts again from the request's own seeded noise: the heavy answer is the heavy model's.
+    assert np.array_equal(image1, served_alone("heavy", 1))
+    assert np.array_equal(image0, served_alone("light", 0))
+    assert engine.router.escalation_rate == 0.5 and engine.observer.routes == [(np.float32(0.9).item(), False),
+                                                                                (np.float32(0.1).item(), True)]
+    # One gate call per decoded batch; the heavy redo is not gated again.
+    assert [c for c in executor.calls if c[0] == "score"] == [("score", 2)]
+    assert executor.models.count("heavy") == 4 and executor.models.count("light") == 4
+
+
+def test_non_cascade_requests_are_never_gated():
+    executor = GatedExecutor([])
+    engine = make_engine(executor)
+    state = make_state(0, stream=False)
+    state.model = "light"
+    (kind, _, meta), = run(engine, [state])
+    assert kind == "finish" and meta["cascade"] is None and not [c for c in executor.calls if c[0] == "score"]
+
+
+def test_controller_decisions_set_the_threshold_and_the_step_budget():
+    clock = SimClock()
+    cheap = Option(threshold=0.2, steps=2, escalation=0.1, quality=0.5, light_s=0.1, heavy_s=1.0)
+    rich = Option(threshold=0.8, steps=4, escalation=0.6, quality=0.9, light_s=0.2, heavy_s=1.0)
+    controller = LoadController([cheap, rich], gpus=2, utilization=1.0, interval_s=1.0, alpha=1.0)
+    engine = make_engine(GatedExecutor([0.5] * 50), controller=controller, clock=clock)
+    # Light demand (1 request/s): the rich option fits (0.2 GPU-s/s light, 0.6 heavy: one GPU each).
+    engine.submit(cascade_state(0))
+    clock.now = 1.0
+    engine.step()
+    assert engine.router.threshold == 0.8 and engine.step_budget == 4
+    # Heavy demand (5 requests/s in the next window): rich needs 3 heavy GPUs; cheap fits (0.5 + 0.5).
+    for i in range(5):
+        engine.submit(cascade_state(1 + i))
+    clock.now = 2.0
+    engine.step()
+    assert engine.router.threshold == 0.2 and engine.step_budget == 2
+    assert [d.option for d in engine.observer.decisions] == [rich, cheap]
+    assert engine.observer.decisions[-1].inputs["demand"] == 5.0
+    late = cascade_state(9)
+    engine.submit(late)  # steps 4 > budget 2: served with the budget, reported as degraded
+    assert (late.params.steps, late.degraded_from) == (2, 4)
+
+
+def test_controller_with_nothing_feasible_picks_the_cheapest_option_and_says_overloaded():
+    cheap = Option(threshold=0.2, steps=2, escalation=0.1, quality=0.5, light_s=1.0, heavy_s=1.0)
+    controller = LoadController([cheap], gpus=1, utilization=1.0, interval_s=1.0)
+    controller.observe_arrival(0.0)
+    for _ in range(9):
+        controller.observe_arrival(0.5)
+    decision = controller.decide(1.0)
+    assert decision.option == cheap and decision.inputs["overloaded"] is True and controller.demand == 10.0
+    assert controller.decide(1.5) is None  # the next window has not closed
