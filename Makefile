@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 export: install
-	$(BIN)/python -m triffusion.export build --preset tiny --unet-variant tiny-lite --cascade tiny-lite --out $(REPO)
+	$(BIN)/python -m triffusion.export build --preset tiny --unet-variant tiny-lite --cascade tiny-lite --baselines --out $(REPO)
 
 serve: export
 	$(BIN)/triffusion serve --repo $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)

@@ -33,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--cascade-threshold", type=float, default=0.5, help="gate score below which a query escalates")
     b.add_argument("--gate", help="trained gate weights (python -m triffusion.orchestrator.gate train); "
                    "default: seeded random weights")
+    b.add_argument("--baselines", action="store_true", help="also serve baseline_sequential (plain diffusers loop) "
+                   "and baseline_batching (whole-request dynamic batching) for benchmarks")
     b.add_argument("--target", choices=("embedded", "ngc"), default="embedded",
                    help="embedded: python-backend components; ngc: TensorRT engines for the tensorrt backend")
     b.add_argument("--runtime", choices=("onnxruntime", "torch"), default="onnxruntime",
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             preset, model, variants, registry, cascade = from_registry(args.registry, args.family)
         build(preset, model, args.out, registry=registry, seed=args.seed, force=args.force, save_pipeline_to=args.save_pipeline,
               vocab=args.vocab, fp16=args.fp16, profile=not args.no_profile, random_weights=args.random_weights, runtime=args.runtime,
-              cascade=cascade, gate=args.gate,
+              cascade=cascade, gate=args.gate, baselines=args.baselines,
               device=args.device, target=args.target, max_unet_rows=args.max_unet_rows, plan_only=args.plan_only,
               sizes=[int(x) for x in args.sizes.split(",") if x] or None, unet_variants=variants)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:  # RegistryError is a ValueError

@@ -176,7 +176,7 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
           profile: bool = True, device: str = "cpu", target: str = "embedded", sizes: list[int] | None = None,
           max_unet_rows: int = 16, plan_only: bool = False, unet_variants: tuple[str, ...] = (),
           registry: dict | None = None, random_weights: bool = False, runtime: str = "onnxruntime",
-          cascade: dict | None = None, gate: str | None = None, log=print) -> dict:
+          cascade: dict | None = None, gate: str | None = None, baselines: bool = False, log=print) -> dict:
     """Export a preset or a checkpoint (real or seeded random weights, see presets.resolve_pipeline)
     into a Triton model repository at `out`."""
     if not preset and not model:
@@ -189,7 +189,7 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
     fingerprint = _fingerprint(preset, model, seed, fp16, target, sizes, max_unet_rows, unet_variants,
                                random_weights, runtime)
     fingerprint["registry"] = registry
-    fingerprint["cascade"], fingerprint["gate"] = cascade, gate
+    fingerprint["cascade"], fingerprint["gate"], fingerprint["baselines"] = cascade, gate, baselines
     if cascade and cascade["light"] not in unet_variants:
         raise SystemExit(f"--cascade {cascade['light']}: the light model must be served too; add "
                          f"--unet-variant {cascade['light']}")
@@ -233,6 +233,10 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
         info["cascade"] = {"light": variants[cascade["light"]], "heavy": contract.UNET,
                            "threshold": cascade.get("threshold", 0.5), "options": cascade.get("options", [])}
         info["gate"] = _write_gate(out, gate, seed, log)
+    if baselines:  # a plain diffusers folder for the baseline models (perf/ compares against them)
+        rel = f"{contract.BASELINE_SEQUENTIAL}/1/pipeline"
+        save_pipeline(pipeline, tokenizer_dir, out / rel)
+        info["baselines"] = {"pipeline": rel, "max_batch": max(1, max_unet_rows // 2)}
     if registry:  # the orchestrator reads the family's policies (entropy, cascade, SLO classes) from here
         info["registry"] = registry
     if target == "ngc":

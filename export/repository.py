@@ -58,6 +58,18 @@ def text_to_image_config(instances: int) -> str:
             + _instances(instances))
 
 
+def baseline_config(name: str, pipeline_rel: str, device: str, max_batch: int, delay_us: int) -> str:
+    """The baselines take the orchestrator's request inputs and answer its image and metadata outputs.
+    `max_batch` 0: one request at a time; > 0: Triton's dynamic batcher groups up to that many."""
+    optional = {s.name for s in contract.REQUEST_INPUTS if s.name != "prompt"}
+    outputs = [s for s in contract.RESPONSE_OUTPUTS if s.name in ("image", "metadata")]
+    batching = f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}\n" if max_batch else ""
+    return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n' + batching
+            + _tensors("input", contract.REQUEST_INPUTS, optional) + _tensors("output", outputs)
+            + _instances(1, "KIND_GPU" if device == "cuda" else "KIND_CPU")
+            + _parameters({"pipeline": pipeline_rel, "device": device}))
+
+
 def default_limits(pipeline: dict) -> dict:
     unets = sorted(pipeline.get("unets", {"default": contract.UNET}))
     if pipeline.get("cascade"):
@@ -106,6 +118,12 @@ def write_repository(out_dir: Path, pipeline: dict, *, runtime: str = "onnxrunti
         (gate_dir / "config.pbtxt").write_text(component_config(
             contract.QUALITY_GATE, contract.QUALITY_GATE_IO,
             {"artifact": Path(pipeline["gate"]["artifact"]).name, "device": device}))
+    baselines = pipeline.get("baselines")
+    if baselines:  # benchmarks compare against these in the same server
+        for name, max_batch in ((contract.BASELINE_SEQUENTIAL, 0), (contract.BASELINE_BATCHING, baselines["max_batch"])):
+            _copy_adapter("baseline", out_dir / name)
+            (out_dir / name / "config.pbtxt").write_text(baseline_config(
+                name, baselines["pipeline"], device, max_batch, baselines.get("delay_us", 50_000)))
     _copy_adapter(contract.TEXT_TO_IMAGE, out_dir / contract.TEXT_TO_IMAGE)
     (out_dir / contract.TEXT_TO_IMAGE / "config.pbtxt").write_text(text_to_image_config(unary_instances))
     return out_dir

@@ -19,7 +19,7 @@ CASCADE_THRESHOLD = 1.01
 def tiny_repository(tmp_path_factory):
     out = tmp_path_factory.mktemp("repo") / "model_repository"
     subprocess.run([sys.executable, "-m", "triffusion.export", "build", "--preset", "tiny", "--out", str(out),
-                    "--unet-variant", "tiny-lite", "--cascade", "tiny-lite"], check=True)
+                    "--unet-variant", "tiny-lite", "--cascade", "tiny-lite", "--baselines"], check=True)
     return out
 
 

@@ -17,6 +17,8 @@ VAE_DECODER = "vae_decoder"
 ORCHESTRATOR = "orchestrator"  # decoupled: gRPC streaming, progress, cancellation
 TEXT_TO_IMAGE = "text_to_image"  # unary proxy of the orchestrator: HTTP and plain gRPC infer
 QUALITY_GATE = "quality_gate"  # cascades: scores a light model's image; low scores are redone on the heavy one
+BASELINE_SEQUENTIAL = "baseline_sequential"  # plain diffusers loop, one request at a time (benchmarks)
+BASELINE_BATCHING = "baseline_batching"  # whole-request dynamic batching, fixed steps (benchmarks)
 CASCADE = "cascade"  # the `unet` input value that asks for the cascade (light first, gated escalation)
 
 
