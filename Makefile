@@ -12,7 +12,7 @@ METRICS_PORT ?= 8002
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,quality]"
 	# The CLIP BPE vocabulary ships in this wheel; --no-deps keeps its torchvision pin off our torch.
 	$(BIN)/pip install -q --no-deps clip-anytorch==2.6.0
 	# perf_analyzer for the SLO harness (tests skip its smoke run, naming it, where this cannot install it).
