@@ -92,23 +92,50 @@ def check_server(url: str, model: str) -> None:
                            + ", ".join(m.name for m in client.get_model_repository_index().models))
 
 
+def _error_line(done: subprocess.CompletedProcess) -> str:
+    """perf_analyzer prints its usage after an argument error: report the error line, not the usage."""
+    lines = (done.stderr.strip() or done.stdout.strip()).splitlines()
+    errors = [line.strip() for line in lines if "error" in line.lower()]
+    return errors[0] if errors else (lines[-1].strip() if lines else f"exit status {done.returncode}")
+
+
 def run_rate(url: str, rate: float, data: dict, *, model: str = contract.ORCHESTRATOR, requests: int = 10,
              workdir: Path | None = None) -> tuple[list[float], float]:
     """One Poisson run at `rate`; returns (latencies in ms, measured seconds)."""
+    return run_load(url, data, model=model, rate=rate, requests=requests, workdir=workdir)
+
+
+def run_load(url: str, data: dict, *, model: str = contract.ORCHESTRATOR, rate: float | None = None,
+             intervals: Path | None = None, requests: int = 10, streaming: bool | None = None,
+             workdir: Path | None = None) -> tuple[list[float], float]:
+    """One perf_analyzer run, Poisson at `rate` or replaying an `intervals` trace (--request-intervals,
+    microseconds per line); returns (latencies in ms, measured seconds). Decoupled models (the
+    orchestrator) are driven over gRPC streaming, the others with async unary calls."""
+    if (rate is None) == (intervals is None):
+        raise HarnessError("give exactly one of a rate or an intervals file")
     check_server(url, model)
     workdir = Path(workdir or tempfile.mkdtemp())
     (workdir / "input.json").write_text(json.dumps(data))
-    export = workdir / f"profile_{rate}.json"
-    command = [perf_analyzer_path(), "-m", model, "-u", url, "-i", "grpc", "--streaming",
-               "--input-data", str(workdir / "input.json"), "--request-rate-range", str(rate),
-               "--request-distribution", "poisson", "--measurement-mode", "count_windows",
+    label = f"{rate}" if rate is not None else Path(intervals).stem
+    export = workdir / f"profile_{model}_{label}.json"
+    streaming = model == contract.ORCHESTRATOR if streaming is None else streaming
+    load = (["--request-rate-range", str(rate), "--request-distribution", "poisson"] if rate is not None
+            else ["--request-intervals", str(intervals)])
+    if intervals is not None:
+        # A window must span the trace's long gaps (perf_analyzer fails a window that sees no response):
+        # three windows of a third of the trace each, at least `requests`.
+        lines = sum(1 for line in Path(intervals).read_text().splitlines() if line.strip())
+        requests = max(requests, -(-lines // 3))
+    command = [perf_analyzer_path(), "-m", model, "-u", url, "-i", "grpc", *(["--streaming"] if streaming else []),
+               "--input-data", str(workdir / "input.json"), *load, "--measurement-mode", "count_windows",
                "--measurement-request-count", str(requests), "--max-trials", "3", "--stability-percentage", "999",
                "--profile-export-file", str(export)]
+    export.unlink(missing_ok=True)  # perf_analyzer refuses to overwrite one
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        last = (done.stderr.strip() or done.stdout.strip()).splitlines()
-        raise HarnessError(f"perf_analyzer failed at rate {rate}: {last[-1] if last else done.returncode}")
-    latencies = parse_profile_export(export)[rate]
+        raise HarnessError(f"perf_analyzer failed on {model} at {label}: {_error_line(done)}")
+    runs = parse_profile_export(export)
+    latencies = runs[rate] if rate is not None and rate in runs else next(iter(runs.values()))
     bounds = re.search(rb'"window_boundaries":\[([0-9,]+)\]', export.read_bytes())
     edges = [int(x) for x in bounds.group(1).split(b",")] if bounds else [0, 0]
     return latencies, max((edges[-1] - edges[0]) / 1e9, 1e-9)
