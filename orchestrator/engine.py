@@ -134,6 +134,14 @@ class Engine:
         return not plan.empty
 
     def execute(self, plan: Plan) -> None:
+        start = self.clock()
+        self._execute(plan)
+        stepped = [s for batch in plan.denoise + plan.patched for s in batch]
+        if stepped:
+            with self._cv:
+                self.scheduler.observe_iteration(stepped, self.clock() - start)
+
+    def _execute(self, plan: Plan) -> None:
         for state in plan.cancelled:
             self._fail(state, Status.CANCELLED, "cancelled by the client")
         # CPU-GPU pipelining: text encoding of joining requests and VAE decoding of finished ones run

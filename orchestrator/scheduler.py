@@ -56,6 +56,9 @@ class StepScheduler:
         self.waiting: list[RequestState] = []
         self.running: list[RequestState] = []
         self._seq = 0
+        # Measured / predicted time of whole engine iterations (EWMA): what the UNet-only prediction
+        # misses (sampler updates, Python, stages competing for the same cores) scales admission.
+        self.iteration_scale = 1.0
 
     # ---- intake ----------------------------------------------------------------------------
     def add(self, state: RequestState, now: float) -> None:
@@ -95,6 +98,13 @@ class StepScheduler:
             total += self.predictor.unet_step(model, h, w, rest)
         return total
 
+    def observe_iteration(self, states, seconds: float, alpha: float = 0.2) -> None:
+        """An engine iteration in which `states` advanced one step took `seconds` in all."""
+        predicted = self.iteration_time(states)
+        if predicted > 0 and seconds > 0:
+            ratio = min(max(seconds / predicted, 0.5), 5.0)  # one stall must not close admission
+            self.iteration_scale = (1 - alpha) * self.iteration_scale + alpha * ratio
+
     def _decode_time(self, state: RequestState) -> float:
         return self.predictor.decode(state.params.height * state.params.width)
 
@@ -103,7 +113,7 @@ class StepScheduler:
         ahead = [s for s in self.waiting if self.policy.key(s, now) < self.policy.key(state, now)]
         active = self.running + ahead + [state]
         # It runs alongside at most max_active requests: those admitted just before it.
-        t_iter = self.iteration_time(active[-self.max_active:])
+        t_iter = self.iteration_time(active[-self.max_active:]) * self.iteration_scale
         # With every slot taken it waits for the work ahead of it (fluid approximation over the slots).
         wait = 0.0
         if len(active) > self.max_active:
@@ -112,7 +122,7 @@ class StepScheduler:
                         for s in ahead)
             wait = work / self.max_active
         finish = now + wait + self.predictor.encode(state.unet_rows) + steps * t_iter + self._decode_time(state)
-        before = self.iteration_time(self.running) if self.running else 0.0
+        before = self.iteration_time(self.running) * self.iteration_scale if self.running else 0.0
         for s in self.running:
             if s.deadline is None:
                 continue

@@ -184,3 +184,30 @@ def test_predictor_learns_and_extrapolates():
     # Linear in rows x pixels through the two measured shapes.
     assert predictor.unet_step("unet", 64, 64, 4) == pytest.approx(0.3 + (0.9 - 0.3) * 2 / 6)
     assert predictor.unet_step("unet", 128, 128, 2) > predictor.unet_step("unet", 64, 64, 2)
+
+
+def test_admission_scales_by_measured_over_predicted_iteration_time():
+    """Iterations measured at twice the UNet-only prediction make admission predict twice as long."""
+    from triffusion.orchestrator.params import GenerationParams
+    from triffusion.orchestrator.predictor import LatencyPredictor
+    from triffusion.orchestrator.request import RequestState
+    from triffusion.orchestrator.scheduler import Rejected, StepScheduler
+
+    from .fakes import RecordingSink
+
+    def request(i, slo_ms):
+        params = GenerationParams(prompt="p", height=64, width=64, steps=10, slo_ms=slo_ms)
+        return RequestState(request_id=f"r{i}", params=params, sink=RecordingSink(), input_ids=None)
+
+    predictor = LatencyPredictor(prior_encode_s=0.0, prior_decode_per_pixel_s=0.0)
+    predictor.seed({"unet": [["unet", 64, 64, 2, 0.1]]})
+    scheduler = StepScheduler(predictor=predictor)
+    scheduler.add(request(0, slo_ms=1500), now=0.0)  # 10 steps x 0.1 s = 1.0 s predicted: admitted
+    scheduler.waiting.clear()
+    for _ in range(50):
+        scheduler.observe_iteration([request(9, None)], seconds=0.2)
+    assert abs(scheduler.iteration_scale - 2.0) < 1e-3
+    with pytest.raises(Rejected, match="predicted 2000 ms"):
+        scheduler.add(request(1, slo_ms=1500), now=0.0)
+    scheduler.observe_iteration([request(9, None)], seconds=100.0)  # one stall moves it a bounded step
+    assert scheduler.iteration_scale < 2.0 * 0.8 + 5.0 * 0.2 + 1e-9
