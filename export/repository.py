@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 from triffusion import contract
-from triffusion.contract import TensorSpec
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "model_repository"
 

@@ -26,6 +26,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from perf.cli import OneLineParser
 from perf.perf_analyzer_slo import HarnessError, check_server
 from perf.workloads import WorkloadError, load_mix, load_prompts, poisson_arrivals, sample_requests
 from triffusion import contract
@@ -245,15 +246,8 @@ async def run_load(url: str, requests: list[dict], arrivals: list[float], *, mod
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one `error: ...` line."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="python -m perf.overload", description=__doc__.splitlines()[0])
+    ap = OneLineParser(prog="python -m perf.overload", description=__doc__.splitlines()[0])
     ap.add_argument("--url", default="localhost:8001", help="gRPC host:port")
     ap.add_argument("--model", default=contract.ORCHESTRATOR,
                     help=f"{contract.ORCHESTRATOR} (streamed) or {contract.TEXT_TO_IMAGE} (unary)")

@@ -40,6 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from perf.cli import OneLineParser
 from perf.workloads import PROMPTS_PATH, WorkloadError, load_prompts
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # torchmetrics' CLIPScore default, the usual one in papers
@@ -302,15 +303,8 @@ def load_reference(directory: str | Path) -> list[np.ndarray]:
 # ------------------------------------------------------------------------------------------------- CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one `error: ...` line."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="python -m perf.quality", description=__doc__.splitlines()[0])
+    ap = OneLineParser(prog="python -m perf.quality", description=__doc__.splitlines()[0])
     ap.add_argument("--url", default="localhost:8001", help="the server's gRPC address")
     ap.add_argument("--prompts", default=str(PROMPTS_PATH), help="one prompt per line")
     ap.add_argument("--n", type=int, default=200, help="images per policy (the prompts repeat, with new seeds)")

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from perf.cli import OneLineParser
 from triffusion import contract
 from triffusion.orchestrator.params import STEP_MODES, Limits
 
@@ -361,16 +362,9 @@ def read_request_intervals(path: str | Path) -> list[float]:
 # -------------------------------------------------------------------------------------------------- CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one `error: ...` line, like every other error here."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="python -m perf.workloads", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    ap = OneLineParser(prog="python -m perf.workloads", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     trace = sub.add_parser("trace", help="write a --request-intervals file")
     trace.add_argument("--kind", required=True, choices=("poisson", "gamma", "maf"))
     trace.add_argument("--rate", type=float, required=True, help="mean requests per second")

@@ -21,6 +21,15 @@ def _tensor(name: str, value) -> "pb_utils.Tensor":
     return pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
 
 
+def request_scalar(request, name: str):
+    """One request input of shape [1] (or [1, 1] under dynamic batching) as a Python value; None if absent."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    value = tensor.as_numpy().reshape(-1)[0]
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value.item()
+
+
 def infer(model: str, inputs: dict, outputs: list[str]) -> dict[str, np.ndarray]:
     request = pb_utils.InferenceRequest(model_name=model, inputs=[_tensor(k, v) for k, v in inputs.items()],
                                         requested_output_names=outputs)

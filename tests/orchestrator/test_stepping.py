@@ -1,6 +1,5 @@
 """Entropy early stop and the one last step, on constructed latent sequences and a real scheduler."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -2,12 +2,11 @@
 smoke run of the real perf_analyzer against the real server."""
 
 import json
-import os
 
 import pytest
 
 from perf.perf_analyzer_slo import (HarnessError, check_server, input_data, parse_profile_export,
-                                    perf_analyzer_path, run_rate, slo_summary)
+                                    run_rate, slo_summary)
 from triffusion import contract
 
 
@@ -49,13 +48,7 @@ def test_unreachable_server_and_unknown_model_are_one_line(server):
         check_server(server.grpc, "nope")
 
 
-def test_real_perf_analyzer_smoke(server, tmp_path):
-    try:
-        perf_analyzer_path()
-    except HarnessError as exc:
-        if os.environ.get("CI"):  # CI installs it: a missing binary there is a broken harness
-            raise
-        pytest.skip(f"perf_analyzer is not installed ({exc})")
+def test_real_perf_analyzer_smoke(server, tmp_path, perf_analyzer):
     data = input_data([f"smoke {i}" for i in range(8)], size=64, steps=2, slo_ms=600_000)
     latencies, seconds = run_rate(server.grpc, 4.0, data, requests=4, workdir=tmp_path)
     assert len(latencies) >= 4 and all(0 < x < 60_000 for x in latencies) and seconds > 0

@@ -2,27 +2,16 @@
 both baselines of the real server, a Poisson rate and a bursty trace, then the report."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from perf.perf_analyzer_slo import HarnessError, perf_analyzer_path
+from perf.perf_analyzer_slo import HarnessError
 from perf.slo_bench import parse_trace, run
 
 
-def need_perf_analyzer():
-    try:
-        perf_analyzer_path()
-    except HarnessError as exc:
-        if os.environ.get("CI"):  # CI installs it: a missing binary there is a broken harness
-            raise
-        pytest.skip(f"perf_analyzer is not installed ({exc})")
-
-
-def test_three_systems_side_by_side_on_a_rate_and_a_trace(server, tmp_path):
-    need_perf_analyzer()
+def test_three_systems_side_by_side_on_a_rate_and_a_trace(server, tmp_path, perf_analyzer):
     results = run(server.grpc, server.metrics, systems=["orchestrator", "baseline_batching", "baseline_sequential"],
                   mix="tiny-smoke", rates=[2.0], traces=["gamma:2:3:6"], slo_ms=60_000, requests=4,
                   workdir=tmp_path, log=lambda *_: None)

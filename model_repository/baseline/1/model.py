@@ -9,17 +9,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triffusion import contract
+from triffusion.bls import request_scalar as _scalar
 from triffusion.orchestrator.baselines import DiffusersBaseline
 from triffusion.orchestrator.params import InvalidRequest, Limits, parse_params
 from triffusion.orchestrator.text import PromptTokenizer
-
-
-def _scalar(request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return None
-    value = tensor.as_numpy().reshape(-1)[0]
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value.item()
 
 
 class TritonPythonModel:

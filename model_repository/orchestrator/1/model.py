@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from triffusion.bls import InProcessUNetExecutor, TritonExecutor
+from triffusion.bls import InProcessUNetExecutor, TritonExecutor, request_scalar as _scalar
 from triffusion.runtime import create_runtime
 from triffusion.orchestrator.config import build_engine, check_parameters, unets_of
 from triffusion.orchestrator.metrics import MetricsObserver
@@ -53,14 +53,6 @@ class ResponseSink:
 
     def is_cancelled(self):
         return self.request.is_cancelled()
-
-
-def _scalar(request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return None
-    value = tensor.as_numpy().reshape(-1)[0]
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value.item()
 
 
 class TritonPythonModel:
