@@ -150,9 +150,14 @@ def rate_key(rate: float) -> str:
 
 
 def max_rate_at_target(rates: dict[float, dict], target: float = TARGET) -> float | None:
-    """The highest swept rate whose attainment met the target, or None if none did."""
-    met = [rate for rate, run in rates.items() if run["attainment"] >= target]
-    return max(met) if met else None
+    """The highest swept rate up to which every swept rate met the target (a load the system sustains;
+    a lucky rate past a failing one does not count), or None if the lowest one failed."""
+    best = None
+    for rate in sorted(rates):
+        if rates[rate]["attainment"] < target:
+            break
+        best = rate
+    return best
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

@@ -9,8 +9,9 @@ summary.json with ratios).
               times replayed with --request-intervals, so every system meets the same arrivals
               (--perf-analyzer-poisson: --request-rate-range with --request-distribution poisson)
     measured  per-request latency from --profile-export-file, SLO attainment (requests answered
-              within --slo-ms over requests sent), goodput, p50/p90/p99, and UNet rows per call over
-              time (/metrics for the orchestrator, model statistics for the baselines)
+              within --slo-ms over requests sent), goodput, p50/p90/p99, mean server time per stage
+              (the orchestrator's stage histograms on /metrics; Triton's statistics endpoint for the
+              baselines), and UNet rows per call over time
 
 perf_analyzer stops a run at the first failed request, so requests carry a generous slo_ms (the
 orchestrator still orders by deadline, but admission does not reject); attainment is measured here
@@ -39,7 +40,7 @@ from pathlib import Path
 from perf import metrics_text
 from perf.perf_analyzer_slo import HarnessError, run_load, slo_summary
 from perf.workloads import (WorkloadError, gamma_arrivals, load_mix, load_prompts, maf_arrivals, perf_analyzer_input_data,
-                            poisson_arrivals, sample_requests, write_request_intervals)
+                            poisson_arrivals, read_request_intervals, sample_requests, write_request_intervals)
 from triffusion import contract
 
 SYSTEMS = (contract.ORCHESTRATOR, contract.BASELINE_BATCHING, contract.BASELINE_SEQUENTIAL)
@@ -92,7 +93,11 @@ class BatchSampler:
 
 
 def parse_trace(spec: str) -> tuple[str, list[float]]:
-    """"maf:RATE:DURATION" or "gamma:RATE:CV:DURATION" or "poisson:RATE:DURATION" -> (name, arrivals)."""
+    """"maf:RATE:DURATION", "gamma:RATE:CV:DURATION", "poisson:RATE:DURATION" or "file:PATH" (a
+    --request-intervals file, e.g. a recorded production trace) -> (name, arrivals)."""
+    if spec.startswith("file:"):
+        path = Path(spec[len("file:"):])
+        return path.stem, read_request_intervals(path)  # WorkloadError names the file and line
     kind, *numbers = spec.split(":")
     try:
         values = [float(x) for x in numbers]
@@ -104,7 +109,8 @@ def parse_trace(spec: str) -> tuple[str, list[float]]:
             return spec, poisson_arrivals(values[0], values[1], seed=0)
     except ValueError:
         pass
-    raise HarnessError(f"--traces: '{spec}' is not maf:RATE:DURATION, gamma:RATE:CV:DURATION or poisson:RATE:DURATION")
+    raise HarnessError(f"--traces: '{spec}' is not maf:RATE:DURATION, gamma:RATE:CV:DURATION, "
+                       "poisson:RATE:DURATION or file:PATH")
 
 
 def workload(mix_name: str, n: int, seed: int = 0) -> dict:
@@ -115,13 +121,47 @@ def workload(mix_name: str, n: int, seed: int = 0) -> dict:
     return perf_analyzer_input_data(requests)
 
 
+STAGES = ("queue", "encode", "unet", "decode", "total")
+
+
+def server_counters(url: str, metrics_url: str | None, system: str) -> dict:
+    """Cumulative per-stage server times: the orchestrator's stage histograms on /metrics, or Triton's
+    statistics endpoint (queue and compute per request) for a baseline."""
+    if system == CANDIDATE:
+        return {"metrics": metrics_text.scrape(metrics_url)} if metrics_url else {}
+    import tritonclient.grpc as grpcclient
+
+    stats = grpcclient.InferenceServerClient(url).get_inference_statistics(system, as_json=True)["model_stats"][0]
+    inference = stats.get("inference_stats", {})
+    return {name: (float(inference.get(name, {}).get("count", 0)), float(inference.get(name, {}).get("ns", 0)))
+            for name in ("queue", "compute_infer", "success")}
+
+
+def stage_ms(before: dict, after: dict, system: str) -> dict:
+    """Mean milliseconds per stage over what happened between two counter readings."""
+    if system == CANDIDATE:
+        if "metrics" not in before:
+            return {}
+        means = {stage: metrics_text.mean_between(before["metrics"], after["metrics"], "triffusion_stage_seconds",
+                                                  stage=stage) for stage in STAGES}
+        return {stage: round(1000 * v, 2) for stage, v in means.items() if v is not None}
+    out = {}
+    for name in ("queue", "compute_infer", "success"):
+        count = after[name][0] - before[name][0]
+        if count > 0:
+            out["total" if name == "success" else name] = round((after[name][1] - before[name][1]) / count / 1e6, 2)
+    return out
+
+
 def measure(url: str, metrics_url: str | None, system: str, data: dict, *, slo_ms: float, requests: int,
             workdir: Path, rate: float | None = None, intervals: Path | None = None) -> dict:
+    before = server_counters(url, metrics_url, system)
     with BatchSampler(url, metrics_url, system) as sampler:
         latencies, seconds = run_load(url, data, model=system, rate=rate, intervals=intervals, requests=requests,
                                       workdir=workdir)
     summary = slo_summary(latencies, slo_ms, seconds)
     return {**summary, "latencies_ms": [round(x, 2) for x in latencies], "batch_rows": sampler.series,
+            "server_stage_ms": stage_ms(before, server_counters(url, metrics_url, system), system),
             "duration_s": round(seconds, 3)}
 
 
@@ -193,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--mix", default="tiny-smoke")
     ap.add_argument("--rates", default="1,2")
-    ap.add_argument("--traces", default="", help="comma-separated maf:RATE:DURATION / gamma:RATE:CV:DURATION")
+    ap.add_argument("--traces", default="", help="comma-separated maf:RATE:DURATION / gamma:RATE:CV:DURATION / "
+                    "poisson:RATE:DURATION / file:PATH (a --request-intervals file)")
     ap.add_argument("--slo-ms", type=float, default=4000)
     ap.add_argument("--requests", type=int, default=20, help="requests per measurement window")
     ap.add_argument("--out-dir", type=Path, default=Path("perf/results"))

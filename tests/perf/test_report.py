@@ -98,7 +98,8 @@ def test_summary_line_names_each_baseline():
 
 def test_max_rate_is_the_highest_swept_rate_meeting_the_target():
     runs = lambda *a: {rate: {"attainment": x} for rate, x in a}
-    assert max_rate_at_target(runs((1.0, 1.0), (2.0, 0.95), (3.0, 0.99), (4.0, 0.9899))) == 3.0
+    assert max_rate_at_target(runs((1.0, 1.0), (2.0, 0.95), (3.0, 0.99), (4.0, 0.9899))) == 1.0
+    assert max_rate_at_target(runs((1.0, 1.0), (2.0, 0.995), (3.0, 0.99), (4.0, 0.9899))) == 3.0
     assert max_rate_at_target(runs((1.0, 0.98))) is None
     assert max_rate_at_target({}) is None
 

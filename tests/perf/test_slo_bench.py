@@ -22,6 +22,12 @@ def test_three_systems_side_by_side_on_a_rate_and_a_trace(server, tmp_path, perf
     # The orchestrator's UNet rows per call come from /metrics: at least one sample, at least 1 row.
     samples = results["orchestrator"]["rates"]["2.0"]["batch_rows"] + results["orchestrator"]["traces"]["gamma:2:3:6"]["batch_rows"]
     assert samples and all(rows >= 1 for _, rows in samples)
+    # Per-stage server times: the orchestrator's histograms, Triton's statistics for the baselines.
+    stages = results["orchestrator"]["rates"]["2.0"]["server_stage_ms"]
+    assert set(stages) == {"queue", "encode", "unet", "decode", "total"} and stages["total"] >= stages["decode"] > 0
+    for baseline in ("baseline_batching", "baseline_sequential"):
+        stages = results[baseline]["rates"]["2.0"]["server_stage_ms"]
+        assert stages["total"] >= stages["compute_infer"] > 0 and stages["queue"] >= 0
     json.dumps(results)
 
 
@@ -38,3 +44,12 @@ def test_unreachable_server_is_one_line(tmp_path):
                            "--out-dir", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode != 0 and "error: cannot reach the server at localhost:1" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_malformed_trace_file_is_one_line_naming_file_and_line(tmp_path):
+    trace = tmp_path / "recorded.txt"
+    trace.write_text("1000\n250000\nsoon\n")
+    done = subprocess.run([sys.executable, "-m", "perf.slo_bench", "--url", "localhost:1", "--traces", f"file:{trace}",
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert f"{trace}:3" in done.stderr and done.stderr.strip().count("\n") == 0
