@@ -116,7 +116,7 @@ def train(real: list[np.ndarray], generated: list[np.ndarray], *, epochs: int = 
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         log(f"epoch {epoch + 1}/{epochs}: loss {total / len(x):.4f}")
     return model.eval()
 
