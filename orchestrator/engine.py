@@ -134,14 +134,6 @@ class Engine:
         return not plan.empty
 
     def execute(self, plan: Plan) -> None:
-        start = self.clock()
-        self._execute(plan)
-        stepped = [s for batch in plan.denoise + plan.patched for s in batch]
-        if stepped:
-            with self._cv:
-                self.scheduler.observe_iteration(stepped, self.clock() - start)
-
-    def _execute(self, plan: Plan) -> None:
         for state in plan.cancelled:
             self._fail(state, Status.CANCELLED, "cancelled by the client")
         # CPU-GPU pipelining: text encoding of joining requests and VAE decoding of finished ones run
@@ -152,10 +144,16 @@ class Engine:
             side = self._side.submit(self._side_stages, plan)
         else:
             self._side_stages(plan)
+        start = self.clock()
         for batch in plan.denoise:
             self._guarded(batch, self._denoise)
         for batch in plan.patched:
             self._guarded(batch, self._denoise_patched)
+        stepped = [s for batch in plan.denoise + plan.patched for s in batch]
+        if stepped:
+            # Only the denoising part: encode and decode are predicted as stages of their own.
+            with self._cv:
+                self.scheduler.observe_iteration(stepped, self.clock() - start)
         if side is not None:
             side.result()
 

@@ -56,8 +56,9 @@ class StepScheduler:
         self.waiting: list[RequestState] = []
         self.running: list[RequestState] = []
         self._seq = 0
-        # Measured / predicted time of whole engine iterations (EWMA): what the UNet-only prediction
-        # misses (sampler updates, Python, stages competing for the same cores) scales admission.
+        # Measured / predicted time of the denoising part of engine iterations (EWMA): what the
+        # UNet-only prediction misses (sampler updates, Python, a side stage competing for the same
+        # cores) scales admission. Encode and decode are excluded: they are predicted on their own.
         self.iteration_scale = 1.0
 
     # ---- intake ----------------------------------------------------------------------------
@@ -99,7 +100,7 @@ class StepScheduler:
         return total
 
     def observe_iteration(self, states, seconds: float, alpha: float = 0.2) -> None:
-        """An engine iteration in which `states` advanced one step took `seconds` in all."""
+        """The denoising part of an engine iteration in which `states` advanced one step took `seconds`."""
         predicted = self.iteration_time(states)
         if predicted > 0 and seconds > 0:
             ratio = min(max(seconds / predicted, 0.5), 5.0)  # one stall must not close admission
