@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -10,3 +13,13 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message}\n")
+
+
+def write_json(path, data) -> bool:
+    """Write `data` as indented JSON to `path`; on failure print one `error:` line and return False."""
+    try:
+        Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        print(f"error: {path}: cannot write ({exc.strerror or exc})", file=sys.stderr)
+        return False
+    return True

@@ -24,9 +24,8 @@ import sys
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from perf.cli import OneLineParser
+from perf.cli import OneLineParser, write_json
 from perf.perf_analyzer_slo import HarnessError, check_server
 from perf.workloads import WorkloadError, load_mix, load_prompts, poisson_arrivals, sample_requests
 from triffusion import contract
@@ -296,13 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result.summary()))
-    if args.out:
-        try:
-            Path(args.out).write_text(json.dumps({"bench": "overload", "args": vars(args), **result.to_json()},
-                                                 indent=2) + "\n")
-        except OSError as exc:
-            print(f"error: {args.out}: cannot write ({exc.strerror or exc})", file=sys.stderr)
-            return 2
+    if args.out and not write_json(args.out, {"bench": "overload", "args": vars(args), **result.to_json()}):
+        return 2
     return 0
 
 

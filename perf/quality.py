@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from perf.cli import OneLineParser
+from perf.cli import OneLineParser, write_json
 from perf.workloads import PROMPTS_PATH, WorkloadError, load_prompts
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # torchmetrics' CLIPScore default, the usual one in papers
@@ -368,12 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     print(_table(report["policies"]))
-    if args.out:
-        try:
-            Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        except OSError as exc:
-            print(f"error: {args.out}: cannot write ({exc.strerror or exc})", file=sys.stderr)
-            return 2
+    if args.out and not write_json(args.out, report):
+        return 2
     return 0
 
 
