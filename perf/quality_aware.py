@@ -17,7 +17,7 @@ GPU host (SD1.5 + BK-SDM-small-style light UNet, random weights):
         --slo-ms 3000 --rates 1,2,3,4,6 --duration 30 --escalate 0.3 --out perf/results/quality_aware_h100.json
 CPU smoke (tiny):
     python -m perf.quality_aware --preset tiny --light tiny-lite --size 64 --steps 10 --slo-ms 3000 \
-        --rates 1,3 --duration 4 --calibration 8
+        --rates 1,4,8 --duration 8 --calibration 24
 """
 
 from __future__ import annotations
@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rates", default="1,3")
     ap.add_argument("--duration", type=float, default=4.0)
     ap.add_argument("--escalate", type=float, default=0.3, help="fraction of light answers the gate escalates")
-    ap.add_argument("--calibration", type=int, default=32, help="light answers scored to fix the threshold")
+    ap.add_argument("--calibration", type=int, default=64,
+                    help="light answers scored to fix the threshold (the measured escalation rate then lands "
+                         "within about sqrt(p(1-p)/n) of --escalate: +-0.06 at 64)")
     ap.add_argument("--max-active", type=int, default=16)
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--out", type=Path)
@@ -182,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "escalation_rate": (round(statistics.mean(r["escalation_rate"] for r in cascade_rows), 4)
                             if cascade_rows else None),
         "escalate_target": args.escalate, "gate_threshold": threshold,
+        "calibration_scores": [round(float(x), 6) for x in scores],
         "simulator_rel_error": round(max(errors), 4) if errors else None,
         "simulator": checks,
         "measured": {policy: {rate: {k: v for k, v in row.items() if k != "arrivals"} for rate, row in rows.items()}
