@@ -31,8 +31,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--cascade", metavar="PRESET", help="serve unet=cascade: this --unet-variant answers first, "
                    "the quality gate sends low scores to the default UNet")
     b.add_argument("--cascade-threshold", type=float, default=0.5, help="gate score below which a query escalates")
-    b.add_argument("--gate", help="trained gate weights (python -m triffusion.orchestrator.gate train); "
-                   "default: seeded random weights")
+    b.add_argument("--gate", help="trained discriminator weights (python -m triffusion.orchestrator.gate train), "
+                   "or clip:FOLDER / clip:HUB_ID to gate on CLIP score (clip:random: a tiny seeded CLIP); "
+                   "default: a discriminator with seeded random weights")
     b.add_argument("--baselines", action="store_true", help="also serve baseline_sequential (plain diffusers loop) "
                    "and baseline_batching (whole-request dynamic batching) for benchmarks")
     b.add_argument("--target", choices=("embedded", "ngc"), default="embedded",

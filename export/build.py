@@ -158,17 +158,31 @@ def _export_torch(kind: str, module, out: Path, name: str, pipeline: Pipeline, f
 
 
 def _write_gate(out: Path, gate: str | None, seed: int, log) -> dict:
-    """The cascade's quality gate: trained weights (orchestrator/gate.py train), or seeded random ones."""
-    from triffusion.orchestrator.gate import load_gate, random_gate, save_gate
+    """The cascade's quality gate: trained discriminator weights (orchestrator/gate.py train), CLIP
+    weights (`clip:FOLDER`, `clip:HUB_ID`, or `clip:random` for tests), or a seeded random discriminator."""
+    from triffusion.orchestrator.clip import ClipError
+    from triffusion.orchestrator.gate import load_gate, random_gate, save_clip_gate, save_gate
 
+    if gate and gate.startswith("clip:"):
+        source, rel = gate[len("clip:"):], f"{contract.QUALITY_GATE}/1/clip"
+        if not source:
+            raise ValueError("--gate clip: needs a CLIP folder or hub id after 'clip:' (or clip:random)")
+        try:
+            save_clip_gate(source, out / rel, seed=seed)
+        except ClipError as exc:
+            raise ValueError(f"--gate {gate}: {exc}") from None
+        log(f"{contract.QUALITY_GATE}: CLIP score gate from {source}")
+        return {"artifact": rel, "kind": "clip", "trained": source != "random"}
     rel = f"{contract.QUALITY_GATE}/1/gate.pt"
     if gate:
+        if Path(gate).is_dir():
+            raise ValueError(f"--gate {gate} is a folder; for a CLIP score gate write --gate clip:{gate}")
         save_gate(load_gate(gate).model, out / rel, source=str(gate))  # loading it checks it
         log(f"{contract.QUALITY_GATE}: trained gate from {gate}")
     else:
         save_gate(random_gate(seed), out / rel, source="random", seed=seed)
         log(f"{contract.QUALITY_GATE}: seeded random gate (train one with python -m triffusion.orchestrator.gate)")
-    return {"artifact": rel, "trained": bool(gate)}
+    return {"artifact": rel, "kind": "discriminator", "trained": bool(gate)}
 
 
 def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force: bool = False,

@@ -32,11 +32,12 @@ def _instances(count: int, kind: str = "KIND_CPU") -> str:
     return f"instance_group [ {{ count: {count} kind: {kind} }} ]\n"
 
 
-def component_config(name: str, io, params: dict, instance_kind: str = "KIND_CPU") -> str:
+def component_config(name: str, io, params: dict, instance_kind: str = "KIND_CPU",
+                     optional: frozenset[str] = frozenset()) -> str:
     """A component served by the python backend through a triffusion runtime (onnxruntime, ...)."""
     inputs, outputs = io
     return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
-            + _tensors("input", inputs) + _tensors("output", outputs)
+            + _tensors("input", inputs, optional) + _tensors("output", outputs)
             + _instances(1, instance_kind) + _parameters(params))
 
 
@@ -116,7 +117,8 @@ def write_repository(out_dir: Path, pipeline: dict, *, runtime: str = "onnxrunti
         _copy_adapter(contract.QUALITY_GATE, gate_dir)
         (gate_dir / "config.pbtxt").write_text(component_config(
             contract.QUALITY_GATE, contract.QUALITY_GATE_IO,
-            {"artifact": Path(pipeline["gate"]["artifact"]).name, "device": device}))
+            {"artifact": Path(pipeline["gate"]["artifact"]).name, "device": device},
+            optional=contract.QUALITY_GATE_OPTIONAL))
     baselines = pipeline.get("baselines")
     if baselines:  # benchmarks compare against these in the same server
         for name, max_batch in ((contract.BASELINE_SEQUENTIAL, 0), (contract.BASELINE_BATCHING, baselines["max_batch"])):

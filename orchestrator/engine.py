@@ -273,7 +273,8 @@ class Engine:
             pixels = [to_uint8_image(image).numpy() for image in images]
             gated = [i for i, state in enumerate(group) if state.cascade and not state.escalated]
             if gated:  # cascade: the gate scores the light model's answers in one call
-                scores = self.executor.score(np.stack([pixels[i] for i in gated]))
+                scores = self.executor.score(np.stack([pixels[i] for i in gated]),
+                                             [group[i].params.prompt for i in gated])
                 for i, score in zip(gated, scores):
                     group[i].gate_score = float(score)
             for state, image in zip(group, pixels):

@@ -19,8 +19,8 @@ class Executor(Protocol):
     def decode(self, latent: np.ndarray) -> np.ndarray:
         """(N, 4, h, w) scaled latents -> (N, 3, 8h, 8w) images in [-1, 1]."""
 
-    def score(self, images: np.ndarray) -> np.ndarray:
-        """(N, H, W, 3) uint8 images -> (N,) quality-gate scores in [0, 1] (cascades only)."""
+    def score(self, images: np.ndarray, prompts: list[str] | None = None) -> np.ndarray:
+        """(N, H, W, 3) uint8 images and their N prompts -> (N,) quality-gate scores in [0, 1] (cascades only)."""
 
 
 class RuntimeExecutor:
@@ -39,7 +39,7 @@ class RuntimeExecutor:
     def decode(self, latent):
         return self.vae_decoder.run({"latent": latent})["image"]
 
-    def score(self, images):
+    def score(self, images, prompts=None):
         if self.gate is None:
             raise RuntimeError("no quality gate is loaded; cascades need one")
-        return self.gate.score(images)
+        return self.gate.score(images, prompts)

@@ -1,6 +1,6 @@
 """The cascade's quality gate (after DiffServe): a small image discriminator that scores how real a
-generated image looks. A light model's answer scoring below the cascade threshold is redone on the
-heavy model.
+generated image looks, or, where CLIP weights exist, the CLIP score of the image against its prompt.
+A light model's answer scoring below the cascade threshold is redone on the heavy model.
 
 Users train it on their own images: real photos against images the light model generated for the
 same kind of prompts (DiffServe trains on real vs generated, then picks the threshold by the fraction
@@ -8,6 +8,11 @@ of queries it should escalate). `calibrate_threshold` turns "escalate this fract
 
     python -m triffusion.orchestrator.gate train --real photos/ --generated light_outputs/ --out gate.pt
     python -m triffusion.export build ... --gate gate.pt      (served as the Triton model quality_gate)
+
+The CLIP gate needs no training: `--gate clip:FOLDER` (a transformers CLIPModel saved with
+save_pretrained, or a hub id on a host that reaches the hub) copies it into the repository;
+`--gate clip:random` builds a tiny seeded one for tests. Its score is (1 + cosine) / 2, in [0, 1]:
+monotone in CLIP score (100 * cosine), so CLIP score 30 is 0.65.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .clip import ClipScorer
 
 INPUT_SIZE = 64  # images are resized to this square before scoring: the gate must be cheap
 
@@ -63,10 +70,36 @@ class Gate:
     model: Discriminator
     device: str = "cpu"
 
-    def score(self, images) -> np.ndarray:
+    def score(self, images, prompts=None) -> np.ndarray:
+        """One score per image; the discriminator looks at the image alone, so `prompts` is ignored."""
         with torch.inference_mode():
             logits = self.model(to_input(images).to(self.device))
         return torch.sigmoid(logits).float().cpu().numpy()
+
+
+@dataclass
+class ClipGate:
+    """(1 + cos(image, prompt)) / 2 per image against its own prompt: in [0, 1] like the discriminator's
+    and monotone in CLIP score (CLIP score 30 is 0.65). Unlike CLIP score it does not clamp negative
+    cosines to one tied value, so a threshold can split them too."""
+
+    scorer: ClipScorer
+
+    def score(self, images, prompts=None) -> np.ndarray:
+        if prompts is None or len(prompts) != len(images):
+            got = "none" if prompts is None else len(prompts)
+            raise ValueError(f"prompt: the CLIP gate scores each image against its prompt; expected "
+                             f"{len(images)} prompts, got {got}")
+        return ((1.0 + self.scorer.cosine(list(images), list(prompts))) / 2.0).astype(np.float32)
+
+
+def save_clip_gate(source: str, folder: str | Path, seed: int = 0) -> Path:
+    """Copy CLIP weights (a local folder or hub id; "random": a tiny seeded CLIP) into `folder`."""
+    scorer = ClipScorer.random(seed=seed) if source == "random" else ClipScorer.pretrained(source)
+    folder = Path(folder)
+    scorer.model.save_pretrained(folder)
+    scorer.processor.save_pretrained(folder)
+    return folder
 
 
 def random_gate(seed: int = 0, width: int = 32) -> Discriminator:
@@ -82,8 +115,11 @@ def save_gate(model: Discriminator, path: str | Path, **meta) -> Path:
     return path
 
 
-def load_gate(path: str | Path, device: str = "cpu") -> Gate:
+def load_gate(path: str | Path, device: str = "cpu") -> Gate | ClipGate:
+    """Discriminator weights (a file from `save_gate`) or a CLIP gate (a folder from `save_clip_gate`)."""
     path = Path(path)
+    if path.is_dir():
+        return ClipGate(ClipScorer.pretrained(str(path.resolve()), device=device))
     if not path.exists():
         raise FileNotFoundError(f"gate weights {path} do not exist; train them with "
                                 "`python -m triffusion.orchestrator.gate train` or export with a random gate")

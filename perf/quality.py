@@ -25,13 +25,11 @@ biased upward, so compare policies only at the same n against the same reference
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import platform
 import re
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -42,9 +40,8 @@ import torch
 
 from perf.cli import OneLineParser, write_json
 from perf.workloads import PROMPTS_PATH, WorkloadError, load_prompts
+from triffusion.orchestrator.clip import DEFAULT_CLIP, ClipError, ClipScorer
 
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # torchmetrics' CLIPScore default, the usual one in papers
-CLIP_CONTEXT = 77
 REFERENCE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -54,80 +51,6 @@ class QualityError(RuntimeError):
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
-
-
-# ------------------------------------------------------------------------------------------- CLIP score
-
-
-class ClipScorer:
-    """CLIP score of (image, prompt) pairs with a transformers CLIPModel and its processor."""
-
-    def __init__(self, model, processor, name: str, device: str = "cpu", batch_size: int = 32):
-        self.model = model.eval().to(device)
-        self.processor, self.name, self.device, self.batch_size = processor, name, device, batch_size
-
-    @classmethod
-    def pretrained(cls, source: str = DEFAULT_CLIP, device: str = "cpu") -> "ClipScorer":
-        """A hub id (on a host that reaches the hub) or a local folder saved with `save_pretrained`."""
-        from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-        how = ("pass --clip a local folder holding a transformers CLIPModel and its processor (both saved with "
-               "save_pretrained on a host that reaches the hub)")
-        location = str(Path(source).expanduser())
-        if source.startswith(("/", ".", "~")) and not Path(location).is_dir():
-            raise QualityError(f"CLIP folder {source} does not exist; {how}")
-        try:
-            model = CLIPModel.from_pretrained(location)
-            # The PIL processor is CLIP's reference preprocessing and needs no torchvision.
-            processor = CLIPProcessor(image_processor=CLIPImageProcessorPil.from_pretrained(location),
-                                      tokenizer=CLIPTokenizer.from_pretrained(location))
-        except (OSError, ValueError) as exc:
-            raise QualityError(f"CLIP weights '{source}' cannot be loaded ({_one_line(exc)}); {how}") from None
-        return cls(model, processor, name=source, device=device)
-
-    @classmethod
-    def random(cls, seed: int = 0, width: int = 32, layers: int = 2, image_size: int = 32, patch_size: int = 8,
-               projection_dim: int = 16) -> "ClipScorer":
-        """A tiny CLIP with seeded random weights and CLIP's real tokenizer, for tests of the plumbing."""
-        from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
-
-        tokenizer = _clip_tokenizer()
-        tower = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=2)
-        config = CLIPConfig(text_config={**tower, "vocab_size": tokenizer.vocab_size,
-                                         "max_position_embeddings": CLIP_CONTEXT},
-                            vision_config={**tower, "image_size": image_size, "patch_size": patch_size},
-                            projection_dim=projection_dim)
-        torch.manual_seed(seed)
-        image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                                crop_size={"height": image_size, "width": image_size})
-        return cls(CLIPModel(config), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer),
-                   name=f"random-clip-seed{seed}")
-
-    def score(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> np.ndarray:
-        """One score in [0, 100] per (HxWx3 uint8 image, prompt) pair."""
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts; expected one prompt per image")
-        scores = []
-        for start in range(0, len(images), self.batch_size):
-            batch = slice(start, start + self.batch_size)
-            inputs = self.processor(text=list(prompts[batch]), images=list(images[batch]), return_tensors="pt",
-                                    padding=True, truncation=True, max_length=CLIP_CONTEXT).to(self.device)
-            with torch.inference_mode():
-                out = self.model(**inputs)  # image_embeds and text_embeds come L2-normalized
-            cosine = (out.image_embeds * out.text_embeds).sum(dim=-1)
-            scores.append((100.0 * cosine.clamp(min=0)).double().cpu().numpy())
-        return np.concatenate(scores) if scores else np.zeros(0)
-
-
-@functools.lru_cache(maxsize=1)
-def _clip_tokenizer():
-    """CLIP's BPE tokenizer built offline from the vocabulary a wheel ships (building it takes seconds)."""
-    from transformers import CLIPTokenizer
-
-    from triffusion.export.tokenizer import write_tokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return CLIPTokenizer.from_pretrained(str(write_tokenizer(Path(tmp))))
 
 
 # ------------------------------------------------------------------------------------------------- FID
@@ -346,7 +269,10 @@ def run(args) -> dict:
         raise QualityError("no policies; pass --policies or --policy")
     prompts = list(itertools.islice(itertools.cycle(load_prompts(args.prompts)), args.n))
     reference = load_reference(args.reference) if args.reference else None
-    scorer = ClipScorer.pretrained(args.clip, device=args.device)
+    try:
+        scorer = ClipScorer.pretrained(args.clip, device=args.device)
+    except ClipError as exc:
+        raise QualityError(f"--clip: {exc}") from None
     fid_reference = (FidReference(reference, inception_weights=args.inception_weights, device=args.device)
                      if reference is not None else None)
     # 2. Serve, then score.

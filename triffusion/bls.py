@@ -61,8 +61,11 @@ class TritonExecutor:
     def decode(self, latent):
         return infer(self.vae_decoder, {"latent": latent}, ["image"])["image"]
 
-    def score(self, images):
-        return infer(contract.QUALITY_GATE, {"image": images}, ["score"])["score"]
+    def score(self, images, prompts=None):
+        inputs = {"image": images}
+        if prompts is not None:
+            inputs["prompt"] = np.array([p.encode("utf-8") for p in prompts], dtype=np.object_)
+        return infer(contract.QUALITY_GATE, inputs, ["score"])["score"]
 
 
 class InProcessUNetExecutor(TritonExecutor):

@@ -49,11 +49,13 @@ VAE_DECODER_IO = (
     (TensorSpec("image", "FP32", (-1, 3, -1, -1)),),
 )
 COMPONENT_IO = {TEXT_ENCODER: TEXT_ENCODER_IO, UNET: UNET_IO, VAE_DECODER: VAE_DECODER_IO}
-# The gate takes a batch of same-size generated images and returns one score in [0, 1] per image.
+# The gate takes a batch of same-size generated images (and, optional, the prompt of each: the CLIP gate
+# scores an image against it) and returns one score in [0, 1] per image.
 QUALITY_GATE_IO = (
-    (TensorSpec("image", "UINT8", (-1, -1, -1, 3)),),
+    (TensorSpec("image", "UINT8", (-1, -1, -1, 3)), TensorSpec("prompt", "BYTES", (-1,))),
     (TensorSpec("score", "FP32", (-1,)),),
 )
+QUALITY_GATE_OPTIONAL = frozenset({"prompt"})
 
 # Orchestrator request inputs: every one has shape [1]; only prompt is required.
 REQUEST_INPUTS = (

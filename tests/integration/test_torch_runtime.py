@@ -20,7 +20,7 @@ def torch_server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("torch") / "model_repository"
     subprocess.run([sys.executable, "-m", "triffusion.export", "build", "--preset", "tiny", "--runtime", "torch",
                     "--sizes", "64,128", "--max-unet-rows", "8", "--no-profile", "--unet-variant", "tiny-lite",
-                    "--cascade", "tiny-lite", "--out", str(repo)], check=True)
+                    "--cascade", "tiny-lite", "--gate", "clip:random", "--out", str(repo)], check=True)
     pipeline = json.loads((repo / "orchestrator/1/pipeline.json").read_text())
     write_repository(repo, pipeline, runtime="torch",
                      orchestrator={"unet_executor": "inprocess", "runtime": "torch", "device": "cpu",
@@ -65,10 +65,31 @@ def test_device_resident_engine_gives_the_onnx_images(server, torch_server):
 
 
 def test_cascade_keeps_the_light_answer_when_the_gate_passes_it(torch_server):
-    url = torch_server[0]
+    url, repo = torch_server
     kwargs = dict(height=64, width=64, steps=4, seed=5)
     cascade = generate("a quiet harbour", url=url, unet="cascade", **kwargs)
     light = generate("a quiet harbour", url=url, unet="tiny-lite", **kwargs)
     assert cascade.metadata["unet"] == "unet_tiny_lite" and cascade.metadata["cascade"]["escalated"] is False
-    assert 0.0 <= cascade.metadata["cascade"]["score"] <= 1.0
     assert cascade.array.tobytes() == light.array.tobytes()
+    # This repository gates on CLIP (--gate clip:random): the quality_gate model scored the light image
+    # against the request's own prompt, as the same CLIP weights do in this process.
+    from triffusion.orchestrator.gate import load_gate
+
+    clip = load_gate(repo / "quality_gate/1/clip")
+    expected = clip.score(cascade.array[None], ["a quiet harbour"])[0]
+    assert abs(cascade.metadata["cascade"]["score"] - float(expected)) < 1e-5
+    assert abs(float(clip.score(cascade.array[None], ["a bowl of ramen"])[0]) - float(expected)) > 1e-6
+
+
+def test_clip_quality_gate_model_needs_the_prompts_and_keeps_serving(torch_server):
+    client = grpcclient.InferenceServerClient(torch_server[0])
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    image = grpcclient.InferInput("image", list(images.shape), "UINT8")
+    image.set_data_from_numpy(images)
+    with pytest.raises(Exception, match="quality_gate: prompt: the CLIP gate scores each image against its prompt; "
+                                        "expected 2 prompts, got none"):
+        client.infer("quality_gate", [image])
+    prompt = grpcclient.InferInput("prompt", [2], "BYTES")
+    prompt.set_data_from_numpy(np.array([b"a red fox", b"a bowl of ramen"], dtype=np.object_))
+    scores = client.infer("quality_gate", [image, prompt]).as_numpy("score")
+    assert scores.shape == (2,) and ((scores >= 0) & (scores <= 1)).all()

@@ -24,8 +24,9 @@ class GatedExecutor(FakeExecutor):
         out = super().denoise(model, sample, timestep, text_embeddings)
         return out * (1.5 if model == "heavy" else 1.0)
 
-    def score(self, images):
+    def score(self, images, prompts=None):
         self.calls.append(("score", len(images)))
+        self.prompts = prompts
         return np.array([self.scores.pop(0) for _ in images], np.float32)
 
 
@@ -88,6 +89,8 @@ def test_high_scores_keep_the_light_answer_and_low_scores_are_redone_on_the_heav
     # One gate call per decoded batch; the heavy redo is not gated again.
     assert [c for c in executor.calls if c[0] == "score"] == [("score", 2)]
     assert executor.models.count("heavy") == 4 and executor.models.count("light") == 4
+    # The gate gets each image's own prompt (the CLIP gate scores the image against it).
+    assert executor.prompts == ["prompt 0", "prompt 1"]
 
 
 def test_non_cascade_requests_are_never_gated():

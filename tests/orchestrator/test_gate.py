@@ -7,7 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from triffusion.orchestrator.gate import Gate, calibrate_threshold, load_gate, random_gate, save_gate, train
+from triffusion.orchestrator.clip import ClipScorer
+from triffusion.orchestrator.gate import (ClipGate, Gate, calibrate_threshold, load_gate, random_gate, save_clip_gate,
+                                         save_gate, train)
 
 
 def smooth_images(n, rng, size=48):
@@ -65,3 +67,37 @@ def test_train_cli_on_an_empty_folder_is_one_line(tmp_path):
                            "--generated", str(tmp_path / "gen"), "--out", str(tmp_path / "g.pt")],
                           capture_output=True, text=True)
     assert done.returncode != 0 and "no .png/.jpg/.webp images" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_clip_gate_maps_the_cosine_of_each_image_with_its_own_prompt_into_0_1(tmp_path):
+    folder = save_clip_gate("random", tmp_path / "clip", seed=1)
+    gate = load_gate(folder)
+    assert isinstance(gate, ClipGate)
+    images = list(smooth_images(3, np.random.default_rng(4)))
+    prompts = ["a red fox", "a bowl of ramen", "lighthouse at dusk"]
+    scores = gate.score(np.stack(images), prompts)
+    reference = (1 + ClipScorer.random(seed=1).cosine(images, prompts)) / 2  # same seed: the same weights
+    assert scores.dtype == np.float32 and scores.shape == (3,) and ((scores >= 0) & (scores <= 1)).all()
+    np.testing.assert_allclose(scores, reference, rtol=1e-5, atol=1e-6)
+    # Each image is scored against its own prompt: swapping two prompts moves their scores.
+    swapped = gate.score(np.stack(images), [prompts[1], prompts[0], prompts[2]])
+    np.testing.assert_allclose(swapped, (1 + ClipScorer.random(seed=1).cosine(images, [prompts[1], prompts[0],
+                                                                                      prompts[2]])) / 2,
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(swapped[:2], scores[:2])
+    with pytest.raises(ValueError, match="prompt: the CLIP gate scores each image against its prompt; expected 3 "
+                                         "prompts, got none"):
+        gate.score(np.stack(images))
+
+
+def test_export_rejects_a_clip_gate_it_cannot_load_and_a_bare_folder(tmp_path):
+    from triffusion.export.build import _write_gate
+
+    with pytest.raises(ValueError, match=f"--gate clip:{tmp_path}/none: CLIP folder {tmp_path}/none does not exist"):
+        _write_gate(tmp_path / "repo", f"clip:{tmp_path}/none", 0, log=lambda *a: None)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match=f"--gate {tmp_path}/folder is a folder; for a CLIP score gate write "
+                                         f"--gate clip:{tmp_path}/folder"):
+        _write_gate(tmp_path / "repo", str(tmp_path / "folder"), 0, log=lambda *a: None)
+    with pytest.raises(ValueError, match="needs a CLIP folder or hub id after 'clip:'"):
+        _write_gate(tmp_path / "repo", "clip:", 0, log=lambda *a: None)

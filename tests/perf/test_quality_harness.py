@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from perf.quality import (ClipScorer, FidReference, QualityError, evaluate, fid, generate_with_server,
+from perf.quality import (FidReference, QualityError, evaluate, fid, generate_with_server,
                           parse_policies, parse_policy_json)
+from triffusion.orchestrator.clip import ClipError, ClipScorer
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red fox", "lighthouse at dusk, oil painting with heavy brush strokes", "a bowl of ramen"]
@@ -63,6 +64,7 @@ def test_clip_score_is_100_times_the_pair_cosine_clamped_at_zero():
     scores = scorer.score(images, PROMPTS)
     assert scores.shape == (3,) and scores.dtype == np.float64
     np.testing.assert_allclose(scores, 100.0 * np.maximum(cosines, 0), atol=1e-4)
+    np.testing.assert_allclose(scorer.cosine(images, PROMPTS), cosines, atol=1e-6)  # what the CLIP gate reads
     # Flipping the text projection flips every cosine: the other pairs now score.
     scorer.model.text_projection.weight.data.neg_()
     flipped = scorer.score(images, PROMPTS)
@@ -85,10 +87,10 @@ def test_clip_score_needs_one_prompt_per_image():
 
 
 def test_pretrained_names_the_missing_weights_and_how_to_pass_a_folder(tmp_path):
-    with pytest.raises(QualityError, match=f"CLIP folder {tmp_path}/none does not exist; pass --clip a local folder"):
+    with pytest.raises(ClipError, match=f"CLIP folder {tmp_path}/none does not exist; give a local folder"):
         ClipScorer.pretrained(str(tmp_path / "none"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(QualityError, match=f"CLIP weights '{tmp_path}/empty' cannot be loaded .*local folder"):
+    with pytest.raises(ClipError, match=f"CLIP weights '{tmp_path}/empty' cannot be loaded .*local folder"):
         ClipScorer.pretrained(str(tmp_path / "empty"))
 
 
@@ -275,7 +277,7 @@ def test_cli_writes_quality_next_to_latency(server, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--clip", "/nonexistent/clip"],
-     "error: CLIP folder /nonexistent/clip does not exist; pass --clip a local folder"),
+     "error: --clip: CLIP folder /nonexistent/clip does not exist; give a local folder"),
     (["--policies", "fast"], "error: policy 'fast' is unknown; use fixed_N"),
     (["--prompts", "/nonexistent/prompts.txt"], "error: /nonexistent/prompts.txt: cannot read prompts"),
     (["--reference", "/nonexistent/ref"], "error: --reference /nonexistent/ref: not a directory"),

@@ -1,5 +1,6 @@
-"""Triton adapter for the cascade's quality gate: a batch of uint8 images in, one score each out.
-The discriminator and its training live in triffusion.orchestrator.gate."""
+"""Triton adapter for the cascade's quality gate: a batch of uint8 images (and, optional, one prompt
+each) in, one score each out. The discriminator, its training and the CLIP gate live in
+triffusion.orchestrator.gate."""
 
 import json
 from pathlib import Path
@@ -22,7 +23,10 @@ class TritonPythonModel:
         for request in requests:
             try:
                 images = pb_utils.get_input_tensor_by_name(request, "image").as_numpy()
-                scores = self.gate.score(images).astype(np.float32)
+                prompt = pb_utils.get_input_tensor_by_name(request, "prompt")
+                prompts = None if prompt is None else [p.decode("utf-8", errors="replace")
+                                                       for p in prompt.as_numpy().reshape(-1)]
+                scores = self.gate.score(images, prompts).astype(np.float32)
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("score", scores)]))
             except Exception as exc:  # a bad image must fail this request, not the model
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"quality_gate: {exc}")))
