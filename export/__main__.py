@@ -73,7 +73,7 @@ def from_registry(path: Path, family: str | None):
         if not light.preset:
             raise SystemExit(f"{path}: families.{family}.cascade.light must be a preset variant for now")
         cascade = {"light": light.preset, "threshold": fam.cascade["threshold"],
-                   "options": fam.cascade.get("options", [])}
+                   "options": fam.cascade.get("options", []), "gate": fam.cascade.get("gate")}
     section = {"family": family, "default": fam.default, "variants": {n: v.preset or v.model for n, v in fam.variants.items()},
                "cascade": fam.cascade, "styles": list(fam.styles), "entropy": fam.entropy,
                "slo_classes": registry.slo_classes}
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             preset, model, variants, registry, cascade = from_registry(args.registry, args.family)
         build(preset, model, args.out, registry=registry, seed=args.seed, force=args.force, save_pipeline_to=args.save_pipeline,
               vocab=args.vocab, fp16=args.fp16, profile=not args.no_profile, random_weights=args.random_weights, runtime=args.runtime,
-              cascade=cascade, gate=args.gate, baselines=args.baselines,
+              cascade=cascade, gate=args.gate or (cascade or {}).get("gate"), baselines=args.baselines,
               device=args.device, target=args.target, max_unet_rows=args.max_unet_rows, plan_only=args.plan_only,
               sizes=[int(x) for x in args.sizes.split(",") if x] or None, unet_variants=variants)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:  # RegistryError is a ValueError

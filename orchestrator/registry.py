@@ -26,7 +26,7 @@ class Family:
     name: str
     variants: dict[str, Variant]
     default: str
-    cascade: dict | None = None  # {"light": variant, "heavy": variant, "threshold": float}
+    cascade: dict | None = None  # {"light": variant, "heavy": variant, "threshold": float, "gate"?: str}
     styles: tuple[str, ...] = ()
     entropy: dict = field(default_factory=dict)  # EntropyStop thresholds
 
@@ -99,7 +99,9 @@ def parse_registry(data: dict, presets: set[str] | None = None) -> Registry:
             raise RegistryError(f"{path}.default: '{default}' is not a variant; variants: {', '.join(variants)}")
         cascade = body.get("cascade")
         if cascade is not None:
-            _only(cascade, {"light", "heavy", "threshold", "options"}, f"{path}.cascade")
+            _only(cascade, {"light", "heavy", "threshold", "options", "gate"}, f"{path}.cascade")
+            if "gate" in cascade:  # a discriminator's weights file, or clip:FOLDER / clip:HUB_ID
+                _require(cascade, "gate", str, f"{path}.cascade")
             _check_options(cascade.get("options", []), f"{path}.cascade.options")
             for role in ("light", "heavy"):
                 if _require(cascade, role, str, f"{path}.cascade") not in variants:

@@ -27,6 +27,7 @@ def test_example_registry_loads():
      "families.tiny.cascade.light: 'lite' is not a variant of tiny; variants: heavy, light"),
     (lambda d: d["families"]["tiny"]["cascade"].update(threshold=1.5),
      "families.tiny.cascade.threshold: 1.5 is out of range; allowed 0..1"),
+    (lambda d: d["families"]["tiny"]["cascade"].update(gate=3), "families.tiny.cascade.gate: expected str, got int"),
     (lambda d: d["families"]["tiny"]["variants"]["light"].update(preset="tiny-lyte"),
      "families.tiny.variants.light.preset: unknown preset 'tiny-lyte'"),
     (lambda d: d["families"]["tiny"]["variants"]["light"].update(model="/x"),
