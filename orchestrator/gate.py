@@ -1,5 +1,5 @@
 """The cascade's quality gate (after DiffServe): a small image discriminator that scores how real a
-generated image looks, or, where CLIP weights exist, the CLIP score of the image against its prompt.
+generated image looks, or, where CLIP weights exist, how well the image matches its prompt by CLIP.
 A light model's answer scoring below the cascade threshold is redone on the heavy model.
 
 Users train it on their own images: real photos against images the light model generated for the
