@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 from pathlib import Path
 
@@ -23,3 +25,12 @@ def write_json(path, data) -> bool:
         print(f"error: {path}: cannot write ({exc.strerror or exc})", file=sys.stderr)
         return False
     return True
+
+
+def device_name(device: str) -> str:
+    """What a report calls the machine it measured on: the GPU's name, or the CPU and its core count."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"

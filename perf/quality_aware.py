@@ -22,7 +22,6 @@ CPU smoke (tiny):
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import statistics
@@ -30,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from perf.cli import OneLineParser, device_name
 from perf.overload import run_load
 from perf.simulator import CascadeSpec, LatencyModel, SimRequest, scheduler_factory, simulate, validate
 from perf.workloads import load_prompts, poisson_arrivals
@@ -121,7 +121,7 @@ def simulated(profile: dict, rows: dict, policy: str, size: int, steps: int, slo
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m perf.quality_aware", description=__doc__.splitlines()[0])
+    ap = OneLineParser(prog="python -m perf.quality_aware", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--light", default="tiny-lite")
     ap.add_argument("--device", default="cpu")
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     errors = [e for check in checks.values() for e in check["max_rel_error"].values()]
     cascade_rows = [row for row in measured["auto_cascade"].values() if row["avg_steps"] is not None]
     report = {
-        "bench": "quality_aware", "device": _device_name(gpu), "preset": args.preset, "light": args.light,
+        "bench": "quality_aware", "device": device_name(args.device), "preset": args.preset, "light": args.light,
         "random_weights": True, "size": args.size, "steps": args.steps, "slo_ms": args.slo_ms,
         "date": time.strftime("%Y-%m-%d"),
         "goodput_at_99": {policy: goodput_at_99(measured[policy]) for policy in POLICIES},
@@ -200,17 +200,6 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
     return 0
-
-
-def _device_name(gpu: bool) -> str:
-    import os
-    import platform
-
-    if gpu:
-        import torch
-
-        return torch.cuda.get_device_name(0)
-    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
 
 
 if __name__ == "__main__":

@@ -27,9 +27,7 @@ CPU smoke (tiny preset):
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import socket
 import tempfile
 import threading
@@ -38,6 +36,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from perf import metrics_text
+from perf.cli import OneLineParser, device_name
 from perf.perf_analyzer_slo import HarnessError, run_load, slo_summary
 from perf.workloads import (WorkloadError, gamma_arrivals, load_mix, load_prompts, maf_arrivals, perf_analyzer_input_data,
                             poisson_arrivals, read_request_intervals, sample_requests, write_request_intervals)
@@ -215,16 +214,8 @@ def serve(stack: ExitStack, preset: str, device: str, sizes: list[int], workdir:
     return server.urls["grpc"], f"http://localhost:{ports['metrics_port']}/metrics"
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.get_device_name(0)
-    return f"cpu ({platform.machine()}, {__import__('os').cpu_count()} cores)"
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m perf.slo_bench", description=__doc__.splitlines()[0])
+    ap = OneLineParser(prog="python -m perf.slo_bench", description=__doc__.splitlines()[0])
     ap.add_argument("--url", help="a running server's gRPC address (else --serve starts one)")
     ap.add_argument("--metrics-url", help="its /metrics URL (for the orchestrator's batch sizes)")
     ap.add_argument("--serve", metavar="PRESET", help="export PRESET with random weights and serve it for the run")

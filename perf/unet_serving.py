@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -29,19 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from perf import metrics_text
+from perf.cli import device_name
 from triffusion import contract
 from triffusion.client import generate
 from triffusion.export.build import build
 from triffusion.runtime import load_torch_runtime
 from triffusion.server import TritonServer, free_port
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    return f"cpu ({platform.processor() or platform.machine()})"
 
 
 def inprocess_step_ms(artifact: Path, device: str, size_latent: int, rows: list[int], repeats: int) -> dict:
