@@ -103,7 +103,7 @@ class GenerationHandle:
         self.client = grpcclient.InferenceServerClient(url)
         try:
             self.client.start_stream(callback=self._on_response, stream_timeout=timeout_s)
-            self.client.async_stream_infer(contract.ORCHESTRATOR, _inputs(grpcclient, arrays),
+            self.client.async_stream_infer(contract.TEXT_TO_IMAGE_STREAM, _inputs(grpcclient, arrays),
                                            request_id=uuid.uuid4().hex, enable_empty_final_response=True)
         except InferenceServerException as exc:
             self.client.close()
@@ -150,7 +150,7 @@ def start_stream_generation(prompt: str, *, url: str | None = None,
                             on_progress: Callable[[int, int], None] | None = None,
                             on_preview: Callable[[np.ndarray], None] | None = None,
                             timeout_s: float | None = None, **fields: Any) -> GenerationHandle:
-    """Start a streamed generation over gRPC against the decoupled orchestrator; with `preview_every`,
+    """Start a streamed generation over gRPC against the streaming front; with `preview_every`,
     on_preview receives (h, w, 3) latent-resolution previews."""
     fields["stream"] = True
     return GenerationHandle(url or DEFAULT_URLS["grpc"], request_arrays(prompt, **fields), on_progress, timeout_s,

@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 
 from triffusion import contract
+from triffusion.contract import TensorSpec as TensorSpecs
+from triffusion.orchestrator.config import OrchestratorConfig
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "model_repository"
 
@@ -33,29 +35,36 @@ def _instances(count: int, kind: str = "KIND_CPU") -> str:
 
 
 def component_config(name: str, io, params: dict, instance_kind: str = "KIND_CPU",
-                     optional: frozenset[str] = frozenset()) -> str:
-    """A component served by the python backend through a triffusion runtime (onnxruntime, ...)."""
+                     optional: frozenset[str] = frozenset(), max_batch: int = 0) -> str:
+    """A component served by the python backend through a triffusion runtime (onnxruntime, ...). With
+    `max_batch` the leading dim is Triton's batch dim: Triton bounds it, and the other dims are fixed."""
     inputs, outputs = io
-    return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
+    if max_batch:
+        inputs, outputs = ([TensorSpecs(s.name, s.dtype, s.dims[1:]) for s in specs] for specs in (inputs, outputs))
+    return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
             + _tensors("input", inputs, optional) + _tensors("output", outputs)
             + _instances(1, instance_kind) + _parameters(params))
 
 
 def orchestrator_config(params: dict) -> str:
-    optional = {s.name for s in contract.REQUEST_INPUTS if s.name != "prompt"}
+    """Internal: only the fronts call it; every input dim is fixed."""
+    optional = {s.name for s in contract.ORCHESTRATOR_INPUTS}
     return (f'name: "{contract.ORCHESTRATOR}"\nbackend: "python"\nmax_batch_size: 0\n'
             "model_transaction_policy { decoupled: true }\n"
-            + _tensors("input", contract.REQUEST_INPUTS, optional)
-            + _tensors("output", contract.RESPONSE_OUTPUTS) + _instances(1) + _parameters(params))
+            + _tensors("input", contract.ORCHESTRATOR_INPUTS, optional)
+            + _tensors("output", contract.ORCHESTRATOR_OUTPUTS) + _instances(1) + _parameters(params))
 
 
-def text_to_image_config(instances: int) -> str:
+def front_config(name: str, max_inflight: int = 256) -> str:
+    """A front: the request inputs (each of shape [1]) and the responses clients read. The unary front runs
+    in default mode but answers through a response sender: no request ever holds its instance."""
     optional = {s.name for s in contract.REQUEST_INPUTS if s.name != "prompt"}
-    outputs = [s for s in contract.RESPONSE_OUTPUTS if s.name not in ("progress", "preview")]
-    # One blocking BLS call per instance: instances bound how many unary requests are in flight.
-    return (f'name: "{contract.TEXT_TO_IMAGE}"\nbackend: "python"\nmax_batch_size: 0\n'
+    stream = name == contract.TEXT_TO_IMAGE_STREAM
+    outputs = [s for s in contract.RESPONSE_OUTPUTS if stream or s.name not in ("progress", "preview")]
+    return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
+            + ("model_transaction_policy { decoupled: true }\n" if stream else "")
             + _tensors("input", contract.REQUEST_INPUTS, optional) + _tensors("output", outputs)
-            + _instances(instances))
+            + _instances(1) + _parameters({"max_inflight": max_inflight}))
 
 
 def baseline_config(name: str, pipeline_rel: str, device: str, max_batch: int, delay_us: int) -> str:
@@ -85,7 +94,7 @@ def _copy_adapter(kind: str, model_dir: Path) -> None:
 
 
 def write_repository(out_dir: Path, pipeline: dict, *, runtime: str = "onnxruntime", device: str = "cpu",
-                     orchestrator: dict | None = None, unary_instances: int = 4) -> Path:
+                     orchestrator: dict | None = None, max_inflight: int = 256) -> Path:
     """Write configs and adapters around the artifacts already in `out_dir` (ONNX files, tokenizer)."""
     out_dir = Path(out_dir)
     components = dict(contract.COMPONENT_IO)
@@ -100,16 +109,18 @@ def write_repository(out_dir: Path, pipeline: dict, *, runtime: str = "onnxrunti
         if gpu:  # GPU tensors reach the model as they are (DLPack), not copied to the host first
             params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
         (out_dir / name).mkdir(parents=True, exist_ok=True)
-        (out_dir / name / "config.pbtxt").write_text(
-            component_config(name, io, params, "KIND_GPU" if gpu else "KIND_CPU"))
+        (out_dir / name / "config.pbtxt").write_text(component_config(
+            name, io, params, "KIND_GPU" if gpu else "KIND_CPU",
+            max_batch=contract.TEXT_ENCODER_MAX_BATCH if name == contract.TEXT_ENCODER else 0))
         _copy_adapter("component", out_dir / name)
     orch_dir = out_dir / contract.ORCHESTRATOR
     _copy_adapter(contract.ORCHESTRATOR, orch_dir)
-    defaults = {"max_active": 8, "max_queue": 64, "max_batch": 16, "policy": "edf"}
+    config = OrchestratorConfig()
     if runtime == "torch" and gpu:
         # Per-request state stays where the UNet runs: no BLS round trip per step (about 4 ms on an H100).
-        defaults.update({"max_active": 16, "unet_executor": "inprocess", "runtime": runtime, "device": device})
-    (orch_dir / "config.pbtxt").write_text(orchestrator_config({**defaults, **(orchestrator or {})}))
+        config = config.replace(max_active=16, unet_executor="inprocess", runtime=runtime, device=device)
+    config = config.replace(**(orchestrator or {}))
+    (orch_dir / "config.pbtxt").write_text(orchestrator_config(config.to_parameters()))
     served = {**pipeline, "limits": default_limits(pipeline)}
     (orch_dir / "1" / "pipeline.json").write_text(json.dumps(served, indent=2, sort_keys=True, default=str))
     if pipeline.get("gate"):  # cascades: the quality gate is a Triton model of its own
@@ -125,6 +136,7 @@ def write_repository(out_dir: Path, pipeline: dict, *, runtime: str = "onnxrunti
             _copy_adapter("baseline", out_dir / name)
             (out_dir / name / "config.pbtxt").write_text(baseline_config(
                 name, baselines["pipeline"], device, max_batch, baselines.get("delay_us", 50_000)))
-    _copy_adapter(contract.TEXT_TO_IMAGE, out_dir / contract.TEXT_TO_IMAGE)
-    (out_dir / contract.TEXT_TO_IMAGE / "config.pbtxt").write_text(text_to_image_config(unary_instances))
+    for front in contract.FRONTS:  # one adapter serves both fronts
+        _copy_adapter(contract.TEXT_TO_IMAGE, out_dir / front)
+        (out_dir / front / "config.pbtxt").write_text(front_config(front, max_inflight))
     return out_dir

@@ -1,48 +1,125 @@
-"""The orchestrator's config.pbtxt parameters -> a ready engine. Plain Python, so a bad parameter fails
-at model load with its name, and the Triton adapter stays thin."""
+"""One typed orchestrator config: defaults in one place, read from config.pbtxt parameters by the Triton
+adapter and written by the export. A bad parameter fails at model load with its name."""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, fields
+
 from .cascade import LoadController, options_from
-from .engine import Engine, Observer, PipelineSpec
+from .engine import Engine, Observer
 from .params import Limits
 from .patches import PatchGrid
-from .policies import create_policy
+from .policies import POLICIES, create_policy
 from .predictor import LatencyPredictor
-from .scheduler import StepScheduler
+from .runner import PipelineSpec, Runner
+from .scheduler import Cascade, StepScheduler
 
-DEFAULTS = {"max_active": "8", "max_queue": "64", "max_batch": "16", "policy": "edf", "hybrid": "bucket",
-            "patch": "8", "halo": "4", "unet_executor": "bls", "runtime": "onnxruntime", "device": "cpu"}
-ENTROPY = {"entropy_threshold": float, "entropy_patience": int, "entropy_min_fraction": float}
-# Optional overrides of the pipeline's cascade: a fixed gate threshold, the controller's cadence and GPUs.
-CASCADE = {"cascade_threshold": float, "controller_interval_s": float, "controller_gpus": int}
-
-
-def check_parameters(params: dict[str, str]) -> dict[str, str]:
-    known = set(DEFAULTS) | set(ENTROPY) | set(CASCADE)
-    unknown = set(params) - known
-    if unknown:
-        raise ValueError(f"unknown orchestrator parameter(s): {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join(sorted(known))}")
-    return {**DEFAULTS, **params}
+HYBRID = ("bucket", "patch", "auto")
+UNET_EXECUTORS = ("bls", "inprocess")
+RUNTIMES = ("onnxruntime", "torch")
 
 
-def cascade_of(params: dict[str, str], pipeline: dict) -> tuple[dict | None, LoadController | None]:
-    """The pipeline's cascade (light, heavy, threshold) and, when it lists operating points, a controller.
-    A `cascade_threshold` parameter fixes the threshold (benchmarks pick the escalated fraction)."""
+@dataclass(frozen=True)
+class OrchestratorConfig:
+    max_active: int = 8  # requests denoising at once (slots)
+    max_queue: int = 64  # requests waiting for a slot
+    max_batch: int = 16  # UNet rows per call (CFG counts two rows per request)
+    policy: str = "edf"  # fcfs, edf, srpt, priority
+    hybrid: str = "bucket"  # bucket, patch, auto
+    patch: int = 8  # latent pixels per patch side (hybrid patch/auto)
+    halo: int = 4  # latent pixels of context around a patch
+    unet_executor: str = "bls"  # bls: the UNet is its own Triton model; inprocess: it runs in the orchestrator
+    runtime: str = "onnxruntime"  # what runs an in-process UNet
+    device: str = "cpu"
+    component_timeout_s: float = 60.0  # a component call that takes longer fails its requests (UNAVAILABLE)
+    best_effort_s: float = 30.0  # edf: a request without slo_ms is ordered as if due this long after arrival
+    max_decode_batch: int = 0  # largest VAE batch (the engine's profile); 0: no limit
+    entropy_threshold: float | None = None  # step_mode auto; None: the registry's value or the default
+    entropy_patience: int | None = None
+    entropy_min_fraction: float | None = None
+    cascade_threshold: float | None = None  # a fixed gate threshold; None: the pipeline's, or the controller's
+    controller_interval_s: float = 5.0
+    controller_gpus: int = 1
+
+    def __post_init__(self):
+        checks = {"policy": tuple(POLICIES), "hybrid": HYBRID, "unet_executor": UNET_EXECUTORS, "runtime": RUNTIMES}
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"orchestrator parameter {name}: '{getattr(self, name)}' is unknown; "
+                                 f"choose one of: {', '.join(allowed)}")
+        for name in ("max_active", "max_queue", "max_batch", "patch", "controller_gpus"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"orchestrator parameter {name}: {getattr(self, name)} is out of range; allowed >= 1")
+        for name in ("halo", "max_decode_batch"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"orchestrator parameter {name}: {getattr(self, name)} is out of range; allowed >= 0")
+        for name in ("component_timeout_s", "best_effort_s", "controller_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"orchestrator parameter {name}: {getattr(self, name)} is out of range; allowed > 0")
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> "OrchestratorConfig":
+        """From config.pbtxt string parameters; unknown keys and unparsable values are named."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ValueError(f"unknown orchestrator parameter(s): {', '.join(unknown)}; known: {', '.join(known)}")
+        values = {}
+        for name, text in params.items():
+            kind = _kind(known[name])
+            if kind is not str and text in ("", "none", "None"):
+                values[name] = None
+                continue
+            try:
+                values[name] = kind(text)
+            except ValueError:
+                raise ValueError(f"orchestrator parameter {name}: '{text}' is not a {kind.__name__}") from None
+        return cls(**values)
+
+    def to_parameters(self) -> dict[str, str]:
+        """config.pbtxt parameters: every field that is set."""
+        return {f.name: str(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def replace(self, **changes) -> "OrchestratorConfig":
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise ValueError(f"unknown orchestrator parameter(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def entropy(self) -> dict:
+        values = {"threshold": self.entropy_threshold, "patience": self.entropy_patience,
+                  "min_fraction": self.entropy_min_fraction}
+        return {k: v for k, v in values.items() if v is not None}
+
+    @property
+    def engine_device(self) -> str | None:
+        """An in-process torch UNet keeps per-request state on its device; everything else speaks numpy."""
+        return self.device if self.unet_executor == "inprocess" and self.runtime == "torch" else None
+
+
+def _kind(f) -> type:
+    annotation = str(f.type)
+    return int if annotation.startswith("int") else float if annotation.startswith("float") else str
+
+
+def cascade_of(config: OrchestratorConfig, pipeline: dict) -> tuple[Cascade | None, float, LoadController | None]:
+    """The pipeline's cascade (light, heavy), its gate threshold and, when the pipeline lists operating points
+    and no fixed threshold is configured, the load-adaptive controller that re-chooses it."""
     cascade = pipeline.get("cascade")
     if not cascade:
-        return None, None
-    cascade = dict(cascade)
-    if "cascade_threshold" in params:
-        cascade["threshold"] = float(params["cascade_threshold"])
-        return cascade, None
+        return None, 0.5, None
+    pair = Cascade(light=cascade["light"], heavy=cascade["heavy"])
+    if config.cascade_threshold is not None:
+        return pair, config.cascade_threshold, None
+    threshold = float(cascade.get("threshold", 0.5))
     options = cascade.get("options")
     if not options:
-        return cascade, None
-    controller = LoadController(options_from(options), gpus=int(params.get("controller_gpus", 1)),
-                                interval_s=float(params.get("controller_interval_s", 5.0)))
-    return cascade, controller
+        return pair, threshold, None
+    controller = LoadController(options_from(options), gpus=config.controller_gpus,
+                                interval_s=config.controller_interval_s)
+    return pair, threshold, controller
 
 
 def spec_of(pipeline: dict) -> PipelineSpec:
@@ -59,24 +136,25 @@ def unets_of(pipeline: dict) -> dict[str, str]:
     return unets
 
 
-def build_engine(params: dict[str, str], pipeline: dict, executor, *, profile: dict | None = None,
-                 observer: Observer | None = None) -> tuple[Engine, Limits]:
-    params = check_parameters(params)
+def build_engine(config: OrchestratorConfig, pipeline: dict, executor, *, profile: dict | None = None,
+                 observer: Observer | None = None, clock=None) -> tuple[Engine, Limits]:
     spec = spec_of(pipeline)
     predictor = LatencyPredictor()
     if profile:  # measured at export; refined online from every call
         predictor.seed(profile)
-    scheduler = StepScheduler(max_active=int(params["max_active"]), max_queue=int(params["max_queue"]),
-                              max_batch=int(params["max_batch"]), policy=create_policy(params["policy"]),
-                              predictor=predictor, hybrid=params["hybrid"],
-                              patch_grid=PatchGrid(int(params["patch"]), int(params["halo"])),
-                              latent_scale=spec.vae_scale_factor)
     # Entropy thresholds: the registry's per-family values, overridden by explicit parameters.
-    entropy = dict(pipeline.get("registry", {}).get("entropy") or {})
-    entropy.update({key.removeprefix("entropy_"): cast(params[key]) for key, cast in ENTROPY.items() if key in params})
-    # An in-process torch UNet keeps per-request state on its device; everything else speaks numpy.
-    device = params["device"] if params["unet_executor"] == "inprocess" and params["runtime"] == "torch" else None
-    cascade, controller = cascade_of(params, pipeline)
-    engine = Engine(executor, spec, scheduler, observer=observer, device=device, cascade=cascade,
-                    controller=controller, entropy={name: entropy for name in unets_of(pipeline).values()})
+    entropy = {**(pipeline.get("registry", {}).get("entropy") or {}), **config.entropy}
+    cascade, threshold, controller = cascade_of(config, pipeline)
+    grid = PatchGrid(config.patch, config.halo)
+    scheduler = StepScheduler(max_active=config.max_active, max_queue=config.max_queue, max_batch=config.max_batch,
+                              policy=create_policy(config.policy, **({"best_effort_s": config.best_effort_s}
+                                                                     if config.policy == "edf" else {})),
+                              predictor=predictor, hybrid=config.hybrid, patch_grid=grid,
+                              latent_scale=spec.vae_scale_factor, cascade=cascade, threshold=threshold,
+                              controller=controller,
+                              entropy={name: entropy for name in unets_of(pipeline).values()})
+    options = {} if clock is None else {"clock": clock}
+    runner = Runner(executor, spec, device=config.engine_device, patch_grid=grid,
+                    max_decode_batch=config.max_decode_batch or None, **options)
+    engine = Engine(scheduler, runner, model=spec.model, observer=observer, **options)
     return engine, Limits.from_dict(pipeline.get("limits", {}))

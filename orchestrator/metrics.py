@@ -65,11 +65,12 @@ class MetricsObserver(Observer):
     def queue_depth(self, depth) -> None:
         self._queue.set(depth)
 
-    def cascade(self, score, escalated, router) -> None:
-        self._routes["heavy" if escalated else "light"].increment(1)
+    def cascade(self, state, router) -> None:
+        self._routes["heavy" if state.escalated else "light"].increment(1)
         self._cascade["threshold"].set(router.threshold)
         self._cascade["escalation_rate"].set(router.escalation_rate)
-        self._cascade["last_score"].set(score)
+        if state.gate_score is not None:
+            self._cascade["last_score"].set(state.gate_score)
 
     def decision(self, decision) -> None:
         option = decision.option

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 
-class InvalidRequest(ValueError):
-    """A request field is out of range; maps to INVALID_ARG."""
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
+from .errors import InvalidRequest
 
 
 SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "pndm", "unipc", "heun")
@@ -35,6 +30,9 @@ class Limits:
     max_guidance: float = 20.0
     default_guidance: float = 7.5
     max_prompt_tokens: int = 75  # CLIP's 77 minus start and end tokens
+    # Checked before tokenizing, so a huge prompt costs nothing: 75 CLIP tokens are rarely over 400 UTF-8
+    # bytes; 16 per token leaves room for long words and non-Latin scripts.
+    max_prompt_bytes: int = 1200
     default_scheduler: str = "euler"
     max_seed: int = 2**63 - 1
     max_slo_ms: int = 3_600_000
@@ -75,7 +73,6 @@ class GenerationParams:
     step_mode: str = "fixed"  # "auto": the server picks the step count (up to `steps`) that meets slo_ms
     preview_every: int = 0  # with stream: a low-resolution preview every this many steps (0 = none)
     unet: str = "default"  # UNet variant
-    extra: dict = field(default_factory=dict)
 
     @property
     def uses_cfg(self) -> bool:
@@ -88,27 +85,64 @@ def _in_range(name: str, value, low, high):
         raise InvalidRequest(name, f"{value} is out of range; allowed {low}..{high}")
 
 
-def parse_params(raw: Mapping[str, Any], limits: Limits, count_tokens) -> GenerationParams:
-    """Build validated parameters from decoded request inputs (python scalars / str).
+FIELDS = tuple(f for f in GenerationParams.__dataclass_fields__)
 
-    `count_tokens(text) -> int` counts prompt tokens without start/end tokens.
+
+def _text(name: str, value, limits: Limits) -> str:
+    """A text field as str, its byte length checked before anything reads it further."""
+    if isinstance(value, bytes):
+        if len(value) > limits.max_prompt_bytes:
+            raise InvalidRequest(name, f"is {len(value)} bytes long; allowed up to {limits.max_prompt_bytes} bytes "
+                                       f"({limits.max_prompt_tokens} tokens)")
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequest(name, "is not valid UTF-8") from None
+    text = str(value)
+    if len(text.encode("utf-8", errors="replace")) > limits.max_prompt_bytes:
+        raise InvalidRequest(name, f"is longer than {limits.max_prompt_bytes} bytes; allowed up to "
+                                   f"{limits.max_prompt_tokens} tokens")
+    return text
+
+
+def _int(name: str, value) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequest(name, f"{value!r} is not an integer") from None
+    if isinstance(value, float) and number != value:
+        raise InvalidRequest(name, f"{value!r} is not an integer")
+    return number
+
+
+def parse_params(raw: Mapping[str, Any], limits: Limits, count_tokens=None) -> GenerationParams:
+    """Build validated parameters from decoded request inputs (python scalars, str or UTF-8 bytes).
+
+    `count_tokens(text) -> int` counts prompt tokens without start/end tokens; None skips the count (the
+    caller already tokenized and checked). Unknown fields are refused by name.
     """
-    # 1. Prompt: present, non-empty, within the text encoder's context.
+    # 0. Nothing the server does not know.
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        raise InvalidRequest(unknown[0], f"is not a request field; allowed: {', '.join(FIELDS)}")
+
+    # 1. Prompt: present, non-empty, within the text encoder's context (bytes first, then tokens).
     prompt = raw.get("prompt")
     if prompt is None:
         raise InvalidRequest("prompt", "is required")
-    if not str(prompt).strip():
+    prompt = _text("prompt", prompt, limits)
+    if not prompt.strip():
         raise InvalidRequest("prompt", f"is empty; allowed 1..{limits.max_prompt_tokens} tokens")
-    negative = raw.get("negative_prompt") or ""
+    negative = _text("negative_prompt", raw.get("negative_prompt") or "", limits)
     for name, text in (("prompt", prompt), ("negative_prompt", negative)):
-        tokens = count_tokens(text) if text else 0
+        tokens = count_tokens(text) if text and count_tokens is not None else 0
         if tokens > limits.max_prompt_tokens:
             raise InvalidRequest(name, f"is {tokens} tokens long; allowed 1..{limits.max_prompt_tokens} tokens")
 
     # 2. Resolution: within range and a multiple of what the UNet and VAE accept.
     size = {}
     for name, default in (("height", limits.default_height), ("width", limits.default_width)):
-        value = int(raw.get(name, default))
+        value = _int(name, raw.get(name, default))
         if value % limits.size_multiple or not limits.min_size <= value <= limits.max_size:
             raise InvalidRequest(name, f"{value} is not allowed; allowed multiples of {limits.size_multiple} "
                                        f"in {limits.min_size}..{limits.max_size}")
@@ -119,43 +153,43 @@ def parse_params(raw: Mapping[str, Any], limits: Limits, count_tokens) -> Genera
                                        f"allowed: {served}")
 
     # 3. Sampling controls.
-    steps = int(raw.get("steps", limits.default_steps))
+    steps = _int("steps", raw.get("steps", limits.default_steps))
     _in_range("steps", steps, limits.min_steps, limits.max_steps)
-    guidance = float(raw.get("guidance_scale", limits.default_guidance))
+    try:
+        guidance = float(raw.get("guidance_scale", limits.default_guidance))
+    except (TypeError, ValueError):
+        raise InvalidRequest("guidance_scale", f"is not a number; allowed {limits.min_guidance}..{limits.max_guidance}") from None
     if guidance != guidance:  # NaN
         raise InvalidRequest("guidance_scale", f"is NaN; allowed {limits.min_guidance}..{limits.max_guidance}")
     _in_range("guidance_scale", guidance, limits.min_guidance, limits.max_guidance)
-    scheduler = str(raw.get("scheduler") or limits.default_scheduler)
+    scheduler = _text("scheduler", raw.get("scheduler") or limits.default_scheduler, limits)
     if scheduler not in SCHEDULERS:
         raise InvalidRequest("scheduler", f"'{scheduler}' is unknown; allowed: {', '.join(SCHEDULERS)}")
     seed = raw.get("seed")
-    seed = secrets.randbelow(2**31) if seed is None else int(seed)
+    seed = secrets.randbelow(2**31) if seed is None else _int("seed", seed)
     _in_range("seed", seed, 0, limits.max_seed)
 
     # 4. Service level: latency objective, priority, and how far steps may drop to meet it.
     slo_ms = raw.get("slo_ms")
     if slo_ms is not None:
-        slo_ms = int(slo_ms)
+        slo_ms = _int("slo_ms", slo_ms)
         _in_range("slo_ms", slo_ms, 1, limits.max_slo_ms)
-    priority = int(raw.get("priority", 0))
+    priority = _int("priority", raw.get("priority", 0))
     _in_range("priority", priority, 0, limits.max_priority)
     min_steps = raw.get("min_steps")
     if min_steps is not None:
-        min_steps = int(min_steps)
+        min_steps = _int("min_steps", min_steps)
         _in_range("min_steps", min_steps, limits.min_steps, steps)
-    preview_every = int(raw.get("preview_every", 0))
+    preview_every = _int("preview_every", raw.get("preview_every", 0))
     _in_range("preview_every", preview_every, 0, limits.max_steps)
-    unet = str(raw.get("unet") or "default")
+    unet = _text("unet", raw.get("unet") or "default", limits)
     if unet not in limits.unets:
         raise InvalidRequest("unet", f"'{unet}' is not served; allowed: {', '.join(limits.unets)}")
-    step_mode = str(raw.get("step_mode") or "fixed")
+    step_mode = _text("step_mode", raw.get("step_mode") or "fixed", limits)
     if step_mode not in STEP_MODES:
         raise InvalidRequest("step_mode", f"'{step_mode}' is unknown; allowed: {', '.join(STEP_MODES)}")
 
-    known = {"prompt", "negative_prompt", "height", "width", "steps", "guidance_scale", "seed", "scheduler",
-             "stream", "slo_ms", "priority", "min_steps", "step_mode", "preview_every", "unet"}
-    return GenerationParams(prompt=str(prompt), negative_prompt=str(negative), steps=steps,
+    return GenerationParams(prompt=prompt, negative_prompt=negative, steps=steps,
                             guidance_scale=guidance, seed=seed, scheduler=scheduler,
                             stream=bool(raw.get("stream", False)), slo_ms=slo_ms, priority=priority,
-                            min_steps=min_steps, step_mode=step_mode, preview_every=preview_every, unet=unet,
-                            extra={k: v for k, v in raw.items() if k not in known}, **size)
+                            min_steps=min_steps, step_mode=step_mode, preview_every=preview_every, unet=unet, **size)

@@ -3,8 +3,6 @@ the first UNet batch when a bucket overflows. Each is a small class with one sor
 
 from __future__ import annotations
 
-import math
-
 from .request import RequestState
 
 
@@ -27,15 +25,17 @@ class FCFS(Policy):
 
 class EDF(Policy):
     """Earliest deadline first; a priority level moves the deadline earlier by a fixed amount, so a
-    low-priority request is delayed by at most that amount and never starves."""
+    low-priority request is delayed by at most that amount and never starves. A best-effort request
+    (no slo_ms) is ordered as if due `best_effort_s` after its arrival: it ages like any other and its
+    priority counts too."""
 
     name = "edf"
 
-    def __init__(self, priority_boost_s: float = 1.0):
-        self.priority_boost_s = priority_boost_s
+    def __init__(self, priority_boost_s: float = 1.0, best_effort_s: float = 30.0):
+        self.priority_boost_s, self.best_effort_s = priority_boost_s, best_effort_s
 
     def key(self, state, now):
-        deadline = state.deadline if state.deadline is not None else math.inf
+        deadline = state.deadline if state.deadline is not None else state.arrival + self.best_effort_s
         return (deadline - state.priority * self.priority_boost_s, state.arrival, state.seq)
 
 

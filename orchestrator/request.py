@@ -1,5 +1,6 @@
 """Request state: one class with a status enum and progress counters (steps_done catches up to
-steps_target), plus the sink through which results leave the engine."""
+steps_target), plus the sink through which results leave the engine. No tensors live here: the runner
+keeps each request's sampler and embeddings, the scheduler only numbers and decisions."""
 
 from __future__ import annotations
 
@@ -26,13 +27,13 @@ class Status(enum.Enum):
 
 
 class Sink(Protocol):
-    """Where one request's progress and result go (a Triton response sender in production)."""
+    """Where one request's progress and result go (a Triton response sender in production). The engine
+    calls `finish` or `fail` exactly once per request; a sink may raise, the engine contains it."""
 
     def progress(self, step: int, steps: int) -> None: ...
     def preview(self, image) -> None: ...
     def finish(self, image, metadata: dict) -> None: ...
-    def fail(self, status: Status, message: str) -> None: ...
-    def is_cancelled(self) -> bool: ...
+    def fail(self, error) -> None: ...
 
 
 @dataclass(eq=False)
@@ -42,23 +43,24 @@ class RequestState:
     sink: Sink
     input_ids: Any  # (2, 77) int64 with CFG (negative first), else (1, 77)
     status: Status = Status.QUEUED
-    model: str = "unet"
+    model: str = "unet"  # the UNet (Triton model name) this request is running on now
     steps_done: int = 0
-    steps_target: int = 0  # scheduler evaluations; set when the sampler is built
-    times: dict[str, float] = field(default_factory=dict)  # stage -> clock time it was entered
-    # Set by the engine once encoded: per-request sampler and tensors.
-    sampler: Any = None
-    latents: Any = None
-    text_embeddings: Any = None
-    error: str | None = None
-    arrival: float = 0.0  # clock time of submission
+    steps_target: int = 0  # sampler evaluations; set once encoded (a sampler may evaluate twice per step)
+    times: dict[str, float] = field(default_factory=dict)  # status -> clock time it was entered
+    error: Any = None  # the ServingError it ended with
+    received: float | None = None  # clock time the request reached the server (its front), if known
+    arrival: float = 0.0  # clock time its SLO counts from: `received`, else submission
     seq: int = 0  # submission order, the tie-breaker of every policy
-    degraded_from: int | None = None  # requested steps when admission served fewer
+    requested_steps: int | None = None  # what the client asked for, when the server served fewer
     stopper: Any = None  # step_mode "auto": decides when the latent has settled
     last_step_pending: bool = False  # the next evaluation jumps to the clean sample
+    early_stop: bool = False  # it ended with a last step before its target
     cascade: bool = False  # runs on the light model first; the gate decides whether the heavy one redoes it
     escalated: bool = False  # the gate sent it to the heavy model
     gate_score: float | None = None
+    gate_error: str | None = None  # the gate failed; the light answer was kept
+    answered: bool = False  # its one final answer went to the sink
+    cancel_requested: bool = False  # the client went away; it leaves at the next step boundary
 
     @property
     def deadline(self) -> float | None:
@@ -70,8 +72,12 @@ class RequestState:
         return self.params.priority
 
     @property
+    def encoded(self) -> bool:
+        return self.steps_target > 0
+
+    @property
     def steps_left(self) -> int:
-        return (self.steps_target - self.steps_done) if self.sampler is not None else self.params.steps
+        return (self.steps_target - self.steps_done) if self.encoded else self.params.steps
 
     @property
     def remaining_work(self) -> float:

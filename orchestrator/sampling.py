@@ -3,6 +3,8 @@ latents, classifier-free guidance, and the latent-to-image conversion."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, HeunDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
@@ -31,13 +33,18 @@ class Sampler:
     def __init__(self, params: GenerationParams, scheduler_config: dict, latent_shape: tuple[int, int, int],
                  device: str | torch.device = "cpu"):
         overrides = {"skip_prk_steps": True} if params.scheduler == "pndm" else {}
-        self.scheduler = SCHEDULER_CLASSES[params.scheduler].from_config(scheduler_config, **overrides)
+        cls = SCHEDULER_CLASSES[params.scheduler]
+        self.scheduler = cls.from_config(scheduler_config, **overrides)
+        # Only the stochastic schedulers take a generator (euler_a, ddim with eta); heun, pndm, unipc refuse it.
+        self._step_kwargs = {"generator": None} if _takes_generator(cls) else {}
         self.scheduler.set_timesteps(params.steps)
         self.timesteps = self.scheduler.timesteps
         self.guidance_scale = params.guidance_scale
         self.cfg = params.uses_cfg
         # CPU generator: the same seed gives the same image on any device.
         self.generator = torch.Generator().manual_seed(params.seed)
+        if self._step_kwargs:
+            self._step_kwargs["generator"] = self.generator
         latents = torch.randn((1, *latent_shape), generator=self.generator, dtype=torch.float32)
         # Latents live where the UNet runs (device-resident engine); the scheduler's tables stay on the CPU.
         self.latents = (latents * self.scheduler.init_noise_sigma).to(device)
@@ -71,7 +78,11 @@ class Sampler:
             uncond, cond = noise_pred.chunk(2)
             noise_pred = uncond + self.guidance_scale * (cond - uncond)
         t = self.timesteps[index]
-        self.latents = self.scheduler.step(noise_pred, t, self.latents, generator=self.generator).prev_sample
+        self.latents = self.scheduler.step(noise_pred, t, self.latents, **self._step_kwargs).prev_sample
+
+
+def _takes_generator(cls) -> bool:
+    return "generator" in inspect.signature(cls.step).parameters
 
 
 def to_uint8_image(decoded: torch.Tensor) -> "torch.Tensor":

@@ -1,5 +1,7 @@
-"""Step-level scheduler: every iteration it decides which requests join, which advance one UNet
-step together, and which decode. It never touches tensors (the engine does).
+"""Step-level scheduler: every iteration it decides which requests join, which advance one UNet step
+together, which decode and which the quality gate scores; then it applies what the runner measured
+(`update_from_output`): steps done, early stops from an entropy number, cascade routing from a gate
+score, failures, releases, and what the latency predictor learns. It never touches a tensor.
 
 Admission control: a request with `slo_ms` is admitted only if the latency predictor says it finishes
 in time at the current load without pushing an admitted request past its deadline; otherwise it is
@@ -8,32 +10,78 @@ served with fewer steps (when `min_steps` or step_mode "auto" allows it) or reje
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+from .cascade import CascadeRouter, Decision, LoadController
+from .errors import Cancelled, QueueFull, Rejected, ServingError, ShuttingDown
 from .patches import PatchGrid
 from .policies import FCFS, Policy
 from .predictor import LatencyPredictor
 from .request import RequestState, Status
+from .stepping import EntropyStop
 
-
-class QueueFull(RuntimeError):
-    """The waiting queue is at capacity; maps to UNAVAILABLE."""
-
-
-class Rejected(RuntimeError):
-    """The request's SLO cannot be met at the current load; maps to UNAVAILABLE."""
+__all__ = ["Cascade", "Plan", "QueueFull", "Rejected", "RunnerOutput", "StepScheduler", "Update"]
 
 
 @dataclass
 class Plan:
+    """What one engine iteration does. The runner executes it; the lists are disjoint by stage."""
+
     encode: list[RequestState] = field(default_factory=list)
     denoise: list[list[RequestState]] = field(default_factory=list)  # each list is one UNet call
     patched: list[list[RequestState]] = field(default_factory=list)  # one UNet call over patches of mixed sizes
     decode: list[RequestState] = field(default_factory=list)
+    gate: list[RequestState] = field(default_factory=list)  # decoded light answers the gate scores
+    restart: list[RequestState] = field(default_factory=list)  # escalated: a fresh sampler on the heavy UNet
+    entropy: list[RequestState] = field(default_factory=list)  # step_mode auto: measure after stepping
+    previews: list[RequestState] = field(default_factory=list)  # a preview after this step
     cancelled: list[RequestState] = field(default_factory=list)
+    decision: Decision | None = None  # the cascade controller decided anew at this iteration
 
     @property
     def empty(self) -> bool:
         return not (self.encode or self.denoise or self.patched or self.decode or self.cancelled)
+
+    @property
+    def stepped(self) -> list[RequestState]:
+        return [s for batch in self.denoise + self.patched for s in batch]
+
+    @property
+    def requests(self) -> list[RequestState]:
+        return self.encode + self.stepped + self.decode
+
+
+@dataclass
+class RunnerOutput:
+    """What the runner measured and made for one plan, per request; a request in `errors` failed alone."""
+
+    encoded: dict[RequestState, int] = field(default_factory=dict)  # sampler evaluations to run
+    stepped: dict[RequestState, float | None] = field(default_factory=dict)  # the latent's entropy when asked
+    images: dict[RequestState, Any] = field(default_factory=dict)  # (H, W, 3) uint8
+    scores: dict[RequestState, float] = field(default_factory=dict)  # quality-gate scores
+    gate_errors: dict[RequestState, str] = field(default_factory=dict)
+    previews: dict[RequestState, Any] = field(default_factory=dict)
+    errors: dict[RequestState, ServingError] = field(default_factory=dict)
+    unet_calls: list[tuple[tuple, int, float]] = field(default_factory=list)  # (bucket, rows, seconds)
+    stages: list[tuple[str, int, float]] = field(default_factory=list)  # ("encode", rows | "decode", pixels, s)
+    denoise_s: float = 0.0  # the denoising part of the iteration
+
+
+@dataclass
+class Update:
+    """What changed for the clients: the engine sends these through the sinks."""
+
+    finished: list[RequestState] = field(default_factory=list)
+    failed: list[RequestState] = field(default_factory=list)  # each with .error
+    progress: list[RequestState] = field(default_factory=list)
+    previews: list[RequestState] = field(default_factory=list)
+    routed: list[RequestState] = field(default_factory=list)  # cascade answers the gate routed
+
+
+@dataclass(frozen=True)
+class Cascade:
+    light: str
+    heavy: str
 
 
 class StepScheduler:
@@ -43,7 +91,8 @@ class StepScheduler:
     def __init__(self, max_active: int = 8, max_queue: int = 64, max_batch: int = 16,
                  policy: Policy | None = None, predictor: LatencyPredictor | None = None,
                  hybrid: str = "bucket", patch_grid: PatchGrid | None = None, latent_scale: int = 8,
-                 max_patch_rows: int | None = None):
+                 max_patch_rows: int | None = None, cascade: Cascade | None = None, threshold: float = 0.5,
+                 controller: LoadController | None = None, entropy: dict[str, dict] | None = None):
         if hybrid not in ("bucket", "patch", "auto"):
             raise ValueError(f"unknown hybrid mode '{hybrid}'; choose one of: bucket, patch, auto")
         if hybrid != "bucket" and patch_grid is None:
@@ -53,9 +102,17 @@ class StepScheduler:
         self.predictor = predictor or LatencyPredictor()
         self.hybrid, self.patch_grid, self.latent_scale = hybrid, patch_grid, latent_scale
         self.max_patch_rows = max_patch_rows or 4 * max_batch
+        # Cascades: the router's threshold and the step budget are the controller's to change.
+        self.cascade = cascade
+        self.router = CascadeRouter(threshold) if cascade else None
+        self.controller = controller if cascade else None
+        self.step_budget: int | None = None
+        self.entropy = entropy or {}  # model -> EntropyStop thresholds (step_mode "auto")
         self.waiting: list[RequestState] = []
         self.running: list[RequestState] = []
+        self._restart: list[RequestState] = []
         self._seq = 0
+        self.closed: ServingError | None = None  # set when draining or dead: new requests are refused
         # Measured / predicted time of the denoising part of engine iterations (EWMA): what the
         # UNet-only prediction misses (sampler updates, Python, a side stage competing for the same
         # cores) scales admission. Encode and decode are excluded: they are predicted on their own.
@@ -63,13 +120,31 @@ class StepScheduler:
 
     # ---- intake ----------------------------------------------------------------------------
     def add(self, state: RequestState, now: float) -> None:
+        """Queue a request or raise a ServingError at once (closed, queue full, SLO infeasible)."""
+        if self.closed is not None:
+            raise self.closed
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"queue is full ({self.max_queue} waiting); retry later")
+        if self.controller is not None:
+            self.controller.observe_arrival(now)
         self._seq += 1
-        state.arrival, state.seq = now, self._seq
+        state.arrival = now if state.received is None else min(state.received, now)
+        state.seq = self._seq
+        if state.cascade and self.step_budget and state.params.steps > self.step_budget:
+            self._serve_steps(state, self.step_budget)
         if state.deadline is not None:
             self._admit_within_slo(state, now)
+        state.enter(Status.QUEUED, now)
         self.waiting.append(state)
+
+    @staticmethod
+    def _serve_steps(state: RequestState, steps: int) -> None:
+        """Serve fewer steps than asked; the metadata keeps what the client asked for."""
+        if state.requested_steps is None:
+            state.requested_steps = state.params.steps
+        state.params.steps = steps
+        if state.params.min_steps is not None:
+            state.params.min_steps = min(state.params.min_steps, steps)
 
     def _admit_within_slo(self, state: RequestState, now: float) -> None:
         params = state.params
@@ -80,11 +155,29 @@ class StepScheduler:
                 raise Rejected(f"admitting it would make request {victim.request_id} miss its SLO")
             if finish <= state.deadline:
                 if steps != params.steps:
-                    state.degraded_from, params.steps = params.steps, steps
+                    self._serve_steps(state, steps)
                 return
         need_ms = (finish - now) * 1000.0
         raise Rejected(f"slo_ms {params.slo_ms} cannot be met at the current load: "
                        f"predicted {need_ms:.0f} ms with {floor} steps")
+
+    def cancel(self, request_id: str) -> bool:
+        """The client went away: the request leaves at the next step boundary. False if unknown."""
+        for state in self.waiting + self.running:
+            if state.request_id == request_id:
+                state.cancel_requested = True
+                return True
+        return False
+
+    def close(self, error: ServingError) -> None:
+        """Refuse new requests with `error` (draining, or the engine cannot serve)."""
+        self.closed = error
+
+    def drain_all(self) -> list[RequestState]:
+        """Remove every request (the engine answers each); used at shutdown and when the loop cannot go on."""
+        states = self.waiting + self.running
+        self.waiting, self.running, self._restart = [], [], []
+        return states
 
     # ---- prediction ------------------------------------------------------------------------
     def iteration_time(self, states) -> float:
@@ -139,10 +232,10 @@ class StepScheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self, now: float) -> Plan:
-        plan = Plan()
+        plan = Plan(decision=self._control(now))
         # 1. Cancelled requests leave at this step boundary and free their slot.
         for queue in (self.waiting, self.running):
-            for state in [s for s in queue if s.sink.is_cancelled()]:
+            for state in [s for s in queue if s.cancel_requested]:
                 queue.remove(state)
                 plan.cancelled.append(state)
         # 2. Join: waiting requests take free slots in policy order.
@@ -151,8 +244,11 @@ class StepScheduler:
             for state in self.policy.order(self.waiting, now)[:free]:
                 self.waiting.remove(state)
                 self.running.append(state)
+                state.enter(Status.ENCODING, now)
                 plan.encode.append(state)
-        # 3. Advance: every denoising request takes one step, batched per bucket, urgent ones first.
+        # 3. Escalated requests start over on the heavy model (a fresh sampler, the same noise).
+        plan.restart, self._restart = [s for s in self._restart if s in self.running], []
+        # 4. Advance: every denoising request takes one step, batched per bucket, urgent ones first.
         buckets: dict[tuple, list[RequestState]] = {}
         for state in self.policy.order(self.running, now):
             if state.status is Status.DENOISING and state.steps_done < state.steps_target:
@@ -163,10 +259,99 @@ class StepScheduler:
             else:
                 for group in members.values():
                     plan.denoise.extend(self._chunks(group, self.max_batch, lambda s: s.unet_rows))
-        # 4. Decode: requests whose steps are done.
-        plan.decode = [s for s in self.running
-                       if s.status is Status.DENOISING and s.steps_done >= s.steps_target]
+        for state in plan.stepped:
+            if state.stopper is not None and not state.last_step_pending:
+                plan.entropy.append(state)
+            every, after = state.params.preview_every, state.steps_done + 1
+            if state.params.stream and every and after % every == 0 and after < state.steps_target:
+                plan.previews.append(state)
+        # 5. Decode: requests whose steps are done; the gate scores the light model's answers.
+        plan.decode = [s for s in self.running if s.status is Status.DENOISING and s.steps_done >= s.steps_target]
+        for state in plan.decode:
+            state.enter(Status.DECODING, now)
+            if state.cascade and not state.escalated:
+                plan.gate.append(state)
         return plan
+
+    def update_from_output(self, plan: Plan, output: RunnerOutput, now: float) -> Update:
+        """Apply the runner's results to the request states; returns what the clients must be told."""
+        update = Update()
+        # 1. Cancelled and failed requests end here.
+        for state in plan.cancelled:
+            self._end(state, Status.CANCELLED, Cancelled("cancelled by the client"), now, update)
+        for state, error in output.errors.items():
+            if not state.status.done:
+                self._end(state, Status.FAILED, error, now, update)
+        # 2. Encoded requests know how many evaluations their sampler runs.
+        for state, evaluations in output.encoded.items():
+            if state.status.done:
+                continue
+            state.steps_target = evaluations
+            if state.params.step_mode == "auto":
+                state.stopper = EntropyStop(**self.entropy.get(state.model, {}))
+            state.enter(Status.DENOISING, now)
+        # 3. Stepped requests advance; an early stop is decided from the entropy the runner measured.
+        for state, entropy in output.stepped.items():
+            if state.status.done:
+                continue
+            state.steps_done += 1
+            if state.last_step_pending:  # that evaluation landed on the clean sample
+                state.steps_target, state.early_stop = state.steps_done, True
+            elif (entropy is not None and state.stopper is not None and state.steps_done < state.steps_target - 1
+                  and state.stopper.observe(entropy, state.steps_done, state.steps_target)):
+                state.last_step_pending = True
+            if state.params.stream:
+                update.progress.append(state)
+                if state in output.previews:
+                    update.previews.append(state)
+        # 4. Decoded requests finish, unless the gate sends a light answer to the heavy model.
+        for state in plan.decode:
+            if state.status.done or state not in output.images:
+                continue
+            if state in plan.gate:
+                state.gate_score = output.scores.get(state)
+                state.gate_error = output.gate_errors.get(state)
+                update.routed.append(state)
+                if state.gate_score is not None and self.router.route(state.gate_score) == "heavy":
+                    self._escalate(state, now)
+                    continue
+            self._end(state, Status.FINISHED, None, now, update)
+        # 5. The predictor learns from every call the runner timed.
+        for (model, h, w), rows, seconds in output.unet_calls:
+            self.predictor.observe_unet(model, h, w, rows, seconds)
+        for stage, size, seconds in output.stages:
+            self.predictor.observe_stage(stage, size, seconds)
+        stepped = [s for s in plan.stepped if s in output.stepped]
+        if stepped and output.denoise_s > 0:
+            self.observe_iteration(stepped, output.denoise_s)
+        return update
+
+    def _escalate(self, state: RequestState, now: float) -> None:
+        """Redo the request on the heavy model: it keeps its slot, its deadline, its text embeddings (the
+        variants share the text encoder) and its seed, and starts from the same noise."""
+        state.escalated, state.model = True, self.cascade.heavy
+        state.steps_done, state.last_step_pending, state.early_stop = 0, False, False
+        if state.stopper is not None:
+            state.stopper = EntropyStop(**self.entropy.get(state.model, {}))
+        state.enter(Status.DENOISING, now)
+        self._restart.append(state)
+
+    def _end(self, state: RequestState, status: Status, error: ServingError | None, now: float,
+             update: Update) -> None:
+        state.error = error
+        state.enter(status, now)
+        self.release(state)
+        (update.finished if status is Status.FINISHED else update.failed).append(state)
+
+    def _control(self, now: float) -> Decision | None:
+        """Apply the load-adaptive controller's decision, when it makes one (every interval)."""
+        if self.controller is None:
+            return None
+        decision = self.controller.decide(now)
+        if decision is not None:
+            self.router.threshold = decision.option.threshold
+            self.step_budget = decision.option.steps
+        return decision
 
     # ---- hybrid-resolution planning ---------------------------------------------------------
     @staticmethod
@@ -225,4 +410,3 @@ class StepScheduler:
     @property
     def queue_depth(self) -> int:
         return len(self.waiting)
-

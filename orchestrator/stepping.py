@@ -26,9 +26,10 @@ class EntropyStop:
     min_fraction: float = 0.4
     history: list[float] = field(default_factory=list)
 
-    def observe(self, latents: torch.Tensor, steps_done: int, steps_total: int) -> bool:
-        """Record the latent after a step; True when the remaining steps can be skipped."""
-        self.history.append(latent_entropy(latents))
+    def observe(self, entropy: float, steps_done: int, steps_total: int) -> bool:
+        """Record the latent's entropy after a step (the runner measures it with `latent_entropy`); True
+        when the remaining steps can be skipped."""
+        self.history.append(float(entropy))
         if steps_done < max(1, int(self.min_fraction * steps_total)) or len(self.history) <= self.patience:
             return False
         recent = self.history[-(self.patience + 1):]

@@ -1,16 +1,26 @@
-"""Every BLS call goes through `infer`: it checks the response it got, names the callee in errors,
-and hands tensors over without copies where it can (DLPack for torch tensors)."""
+"""Every BLS call goes through `infer`: it checks the response it got, names the callee in errors, hands
+tensors over without copies where it can (DLPack for torch tensors, GPU outputs as torch tensors) and
+has a deadline: a callee that does not answer in time fails its requests with UNAVAILABLE, and its
+stub is killed so that the supervisor reloads it (a hang becomes a restart)."""
 
 from __future__ import annotations
+
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from triffusion import contract
+from triffusion import contract, procs
+from triffusion.orchestrator.errors import ComponentFailed, ComponentUnavailable, InvalidRequest, ServingError
 
+log = logging.getLogger(__name__)
 
-class ComponentError(RuntimeError):
-    pass
+# What Triton 2.51 says when the callee's stub died, is being reloaded or was unloaded: retryable.
+_UNAVAILABLE = ("not healthy", "not ready", "no available versions", "unknown model", "unavailable")
 
 
 def _tensor(name: str, value) -> "pb_utils.Tensor":
@@ -22,58 +32,125 @@ def _tensor(name: str, value) -> "pb_utils.Tensor":
 
 
 def request_scalar(request, name: str):
-    """One request input of shape [1] (or [1, 1] under dynamic batching) as a Python value; None if absent."""
+    """One request input of shape [1] (or [1, 1] under dynamic batching) as a Python value (BYTES stay
+    bytes: their length is checked before anything decodes them); None if absent."""
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         return None
-    value = tensor.as_numpy().reshape(-1)[0]
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value.item()
+    array = tensor.as_numpy()
+    if array.size != 1:
+        raise InvalidRequest(name, f"has {array.size} elements; every request field has shape [1]")
+    value = array.reshape(-1)[0]
+    return value if isinstance(value, bytes) else value.item()
 
 
-def infer(model: str, inputs: dict, outputs: list[str]) -> dict[str, np.ndarray]:
+def triton_error(error: ServingError) -> "pb_utils.TritonError":
+    """A client-facing error: the code leads the message too, because gRPC stream responses carry no
+    status code (tritonclient's stream callback only sees the message)."""
+    return pb_utils.TritonError(f"{error.code.value}: {error.message}", getattr(pb_utils.TritonError, error.code.value))
+
+
+def classify(component: str, message: str) -> ServingError:
+    """A callee's error response as a typed failure (the raw message goes to the log only)."""
+    lowered = message.lower()
+    if any(marker in lowered for marker in _UNAVAILABLE):
+        return ComponentUnavailable(component, "is restarting; retry shortly")
+    return ComponentFailed(component, "failed")
+
+
+def _output(tensor):
+    if tensor.is_cpu():
+        return tensor.as_numpy()
+    from torch.utils.dlpack import from_dlpack  # a GPU output (TensorRT, torch runtime): stays on the GPU
+
+    return from_dlpack(tensor.to_dlpack())
+
+
+def infer(model: str, inputs: dict, outputs: list[str]) -> dict:
     request = pb_utils.InferenceRequest(model_name=model, inputs=[_tensor(k, v) for k, v in inputs.items()],
                                         requested_output_names=outputs)
     response = request.exec()
     if response.has_error():
-        raise ComponentError(f"{model}: {response.error().message()}")
+        message = response.error().message()
+        log.warning("%s answered with an error: %s", model, message)
+        raise classify(model, message)
     result = {}
     for name in outputs:
         tensor = pb_utils.get_output_tensor_by_name(response, name)
         if tensor is None:
-            raise ComponentError(f"{model}: response has no output '{name}'")
-        result[name] = tensor.as_numpy() if tensor.is_cpu() else tensor  # GPU tensors stay on the GPU
+            raise ComponentFailed(model, f"answered without its output '{name}'")
+        result[name] = _output(tensor)
     return result
 
 
-class TritonExecutor:
-    """Executor over BLS: the component models are separate Triton models."""
+class Deadlines:
+    """Blocking BLS calls run on worker threads so that each has a deadline. A call past it fails with
+    UNAVAILABLE and the callee's stub is killed: Triton 2.51 cannot cancel a BLS call, and a stub that
+    hangs would otherwise hold every later request; the supervisor reloads the model it belonged to."""
 
-    def __init__(self, text_encoder: str = contract.TEXT_ENCODER, vae_decoder: str = contract.VAE_DECODER):
-        self.text_encoder, self.vae_decoder = text_encoder, vae_decoder
+    def __init__(self, timeout_s: float, workers: int = 8, kill=None):
+        self.timeout_s = timeout_s
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="triffusion-bls")
+        self._kill = kill or kill_stubs
+
+    def call(self, component: str, fn, *args):
+        future = self._pool.submit(fn, *args)
+        try:
+            return future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            log.error("%s did not answer within %.1f s; killing its stub so that it is reloaded",
+                      component, self.timeout_s)
+            self._kill(component)
+            raise ComponentUnavailable(component, f"did not answer within {self.timeout_s:.0f} s; "
+                                                  "it is being restarted, retry shortly") from None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def kill_stubs(model: str) -> None:
+    """SIGKILL the stubs of `model` (siblings of this stub under the same tritonserver)."""
+    for instance, pid in procs.stubs_of(os.getppid(), model).items():
+        log.error("killing the stub of %s (pid %d)", instance, pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class TritonExecutor:
+    """Executor over BLS: the component models are separate Triton models, each call with a deadline."""
+
+    def __init__(self, deadlines: Deadlines, text_encoder: str = contract.TEXT_ENCODER,
+                 vae_decoder: str = contract.VAE_DECODER):
+        self.deadlines, self.text_encoder, self.vae_decoder = deadlines, text_encoder, vae_decoder
+
+    def _call(self, model, inputs, output):
+        return self.deadlines.call(model, infer, model, inputs, [output])[output]
 
     def encode(self, input_ids):
-        return infer(self.text_encoder, {"input_ids": input_ids}, ["text_embeddings"])["text_embeddings"]
+        return self._call(self.text_encoder, {"input_ids": input_ids}, "text_embeddings")
 
     def denoise(self, model, sample, timestep, text_embeddings):
-        return infer(model, {"sample": sample, "timestep": timestep, "encoder_hidden_states": text_embeddings},
-                     ["noise_pred"])["noise_pred"]
+        return self._call(model, {"sample": sample, "timestep": timestep, "encoder_hidden_states": text_embeddings},
+                          "noise_pred")
 
     def decode(self, latent):
-        return infer(self.vae_decoder, {"latent": latent}, ["image"])["image"]
+        return self._call(self.vae_decoder, {"latent": latent}, "image")
 
     def score(self, images, prompts=None):
         inputs = {"image": images}
         if prompts is not None:
             inputs["prompt"] = np.array([p.encode("utf-8") for p in prompts], dtype=np.object_)
-        return infer(contract.QUALITY_GATE, inputs, ["score"])["score"]
+        return self._call(contract.QUALITY_GATE, inputs, "score")
 
 
 class InProcessUNetExecutor(TritonExecutor):
     """Text encoder and VAE over BLS (once per request), UNet steps in this process: the per-step BLS
     round trip (about 4 ms with GPU tensors on an H100) disappears and latents never leave."""
 
-    def __init__(self, unets: dict, **names):
-        super().__init__(**names)
+    def __init__(self, unets: dict, deadlines: Deadlines, **names):
+        super().__init__(deadlines, **names)
         self.unets = unets
 
     def denoise(self, model, sample, timestep, text_embeddings):

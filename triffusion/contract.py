@@ -14,8 +14,12 @@ TEXT_MAX_LENGTH = 77  # CLIP context length
 TEXT_ENCODER = "text_encoder"
 UNET = "unet"
 VAE_DECODER = "vae_decoder"
-ORCHESTRATOR = "orchestrator"  # decoupled: gRPC streaming, progress, cancellation
-TEXT_TO_IMAGE = "text_to_image"  # unary proxy of the orchestrator: HTTP and plain gRPC infer
+# What clients call: two fronts over the same orchestrator. A front validates and tokenizes, forwards
+# over BLS, and owns the client's request: it answers it even when the orchestrator dies.
+TEXT_TO_IMAGE = "text_to_image"  # unary: HTTP and plain gRPC infer
+TEXT_TO_IMAGE_STREAM = "text_to_image_stream"  # decoupled: gRPC streaming, progress, previews, cancellation
+FRONTS = (TEXT_TO_IMAGE, TEXT_TO_IMAGE_STREAM)
+ORCHESTRATOR = "orchestrator"  # internal (decoupled): the engine loop; only the fronts call it
 QUALITY_GATE = "quality_gate"  # cascades: scores a light model's image; low scores are redone on the heavy one
 BASELINE_SEQUENTIAL = "baseline_sequential"  # plain diffusers loop, one request at a time (benchmarks)
 BASELINE_BATCHING = "baseline_batching"  # whole-request dynamic batching, fixed steps (benchmarks)
@@ -31,10 +35,13 @@ class TensorSpec:
 
 # Component I/O. Batch is the first dim; the UNet takes one timestep per sample so that requests at
 # different steps share one UNet call (step-level batching).
+# The text encoder's batch is Triton's batch dimension (max_batch_size > 0) and every other dim is fixed,
+# so Triton itself refuses a malformed shape before it reaches the model (see TEXT_ENCODER_MAX_BATCH).
 TEXT_ENCODER_IO = (
     (TensorSpec("input_ids", "INT64", (-1, TEXT_MAX_LENGTH)),),
     (TensorSpec("text_embeddings", "FP32", (-1, TEXT_MAX_LENGTH, -1)),),
 )
+TEXT_ENCODER_MAX_BATCH = 64  # rows per text encoder call (two per request with CFG)
 UNET_IO = (
     (
         TensorSpec("sample", "FP32", (-1, -1, -1, -1)),
@@ -83,3 +90,17 @@ RESPONSE_OUTPUTS = (
     TensorSpec("progress", "INT32", (2,)),
     TensorSpec("preview", "UINT8", (-1, -1, 3)),  # latent-resolution RGB approximation, streamed
 )
+STREAM_ONLY = ("stream", "preview_every")  # request fields the unary front refuses (nothing to stream to)
+
+# Front -> orchestrator (internal). Every dim is fixed. A generation carries `request` (JSON: the
+# validated parameters, the front's request id and the monotonic time it received the request) and
+# `input_ids` (negative prompt first; the first row is ignored without CFG). A control message carries
+# only `control` (JSON: {"op": "cancel" | "health" | "drain", ...}). Failures and control replies come
+# back in `status` (JSON: {"code", "reason", "message"}): codes travel as data, because BLS callers of
+# the bundled Triton see every error as INTERNAL.
+ORCHESTRATOR_INPUTS = (
+    TensorSpec("request", "BYTES", (1,)),
+    TensorSpec("input_ids", "INT64", (2, TEXT_MAX_LENGTH)),
+    TensorSpec("control", "BYTES", (1,)),
+)
+ORCHESTRATOR_OUTPUTS = RESPONSE_OUTPUTS + (TensorSpec("status", "BYTES", (1,)),)

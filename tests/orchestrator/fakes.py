@@ -36,23 +36,30 @@ class FakeExecutor:
 
 
 class RecordingSink:
+    """Records what the engine sends; with `cancel_after_steps`, the client goes away after that step."""
+
     def __init__(self, cancel_after_steps: int | None = None):
         self.events: list[tuple] = []
         self.cancel_after_steps = cancel_after_steps
-        self.steps_seen = 0
+        self.state = None  # make_state links it, so that a cancelling client can flag its request
 
     def progress(self, step, steps):
-        self.steps_seen = step
         self.events.append(("progress", step, steps))
+        if self.cancel_after_steps is not None and step >= self.cancel_after_steps:
+            self.state.cancel_requested = True
+
+    def preview(self, image):
+        self.events.append(("preview", image))
 
     def finish(self, image, metadata):
         self.events.append(("finish", image, metadata))
 
-    def fail(self, status, message):
-        self.events.append(("fail", status, message))
+    def fail(self, error):
+        self.events.append(("fail", error.code, error.message))
 
-    def is_cancelled(self):
-        return self.cancel_after_steps is not None and self.steps_seen >= self.cancel_after_steps
+    @property
+    def finals(self):
+        return [e for e in self.events if e[0] in ("finish", "fail")]
 
     @property
     def outcome(self):
@@ -67,7 +74,9 @@ def make_state(i: int, *, size: int = 64, steps: int = 4, guidance: float = 7.5,
     ids = np.full((rows, 77), 49407, np.int64)
     ids[:, 0] = 49406
     ids[-1, 1] = 100 + i
-    return RequestState(request_id=f"r{i}", params=params, sink=sink or RecordingSink(), input_ids=ids)
+    state = RequestState(request_id=f"r{i}", params=params, sink=sink or RecordingSink(), input_ids=ids)
+    state.sink.state = state
+    return state
 
 
 class SimClock:

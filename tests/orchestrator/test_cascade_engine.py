@@ -5,8 +5,8 @@ The load-adaptive controller's decisions reach the router and the step budget.""
 import numpy as np
 
 from triffusion.orchestrator.cascade import LoadController, Option
-from triffusion.orchestrator.engine import Engine, Observer, PipelineSpec
-from triffusion.orchestrator.scheduler import StepScheduler
+from triffusion.orchestrator.engine import Observer, PipelineSpec, make_engine as build
+from triffusion.orchestrator.scheduler import Cascade, StepScheduler
 
 from .fakes import SCHEDULER_CONFIG, FakeExecutor, SimClock, make_state
 
@@ -34,17 +34,17 @@ class Recorder(Observer):
     def __init__(self):
         self.routes, self.decisions = [], []
 
-    def cascade(self, score, escalated, router):
-        self.routes.append((score, escalated))
+    def cascade(self, state, router):
+        self.routes.append((state.gate_score, state.escalated))
 
     def decision(self, decision):
         self.decisions.append(decision)
 
 
 def make_engine(executor, threshold=0.5, controller=None, clock=None):
-    return Engine(executor, PipelineSpec(model="fake", scheduler_config=SCHEDULER_CONFIG), StepScheduler(),
-                  cascade={"light": "light", "heavy": "heavy", "threshold": threshold}, controller=controller,
-                  observer=Recorder(), clock=clock or SimClock())
+    scheduler = StepScheduler(cascade=Cascade(light="light", heavy="heavy"), threshold=threshold, controller=controller)
+    return build(executor, PipelineSpec(model="fake", scheduler_config=SCHEDULER_CONFIG), scheduler,
+                 observer=Recorder(), clock=clock or SimClock())
 
 
 def run(engine, states):
@@ -60,7 +60,7 @@ def run(engine, states):
 def served_alone(model, i):
     """The same request on one model with no cascade: what an escalated answer must equal."""
     executor = GatedExecutor([])
-    engine = Engine(executor, PipelineSpec(model="fake", scheduler_config=SCHEDULER_CONFIG), StepScheduler())
+    engine = build(executor, PipelineSpec(model="fake", scheduler_config=SCHEDULER_CONFIG), StepScheduler())
     state = make_state(i, seed=10 + i, stream=False)
     state.model = model
     return run(engine, [state])[0][1]
@@ -78,13 +78,14 @@ def test_high_scores_keep_the_light_answer_and_low_scores_are_redone_on_the_heav
     (kind0, image0, meta0), (kind1, image1, meta1) = run(engine, [cascade_state(0), cascade_state(1)])
     assert kind0 == kind1 == "finish"
     assert meta0["unet"] == "light" and meta0["cascade"] == {"light": "light", "score": np.float32(0.9).item(),
-                                                            "threshold": 0.5, "escalated": False}
+                                                            "threshold": 0.5, "escalated": False,
+                                                            "gate_error": None}
     assert meta1["unet"] == "heavy" and meta1["cascade"]["escalated"] is True
     assert meta1["steps_done"] == 4
     # Escalation starts again from the request's own seeded noise: the heavy answer is the heavy model's.
     assert np.array_equal(image1, served_alone("heavy", 1))
     assert np.array_equal(image0, served_alone("light", 0))
-    assert engine.router.escalation_rate == 0.5 and engine.observer.routes == [(np.float32(0.9).item(), False),
+    assert engine.scheduler.router.escalation_rate == 0.5 and engine.observer.routes == [(np.float32(0.9).item(), False),
                                                                                 (np.float32(0.1).item(), True)]
     # One gate call per decoded batch; the heavy redo is not gated again.
     assert [c for c in executor.calls if c[0] == "score"] == [("score", 2)]
@@ -112,18 +113,18 @@ def test_controller_decisions_set_the_threshold_and_the_step_budget():
     engine.submit(cascade_state(0))
     clock.now = 1.0
     engine.step()
-    assert engine.router.threshold == 0.8 and engine.step_budget == 4
+    assert engine.scheduler.router.threshold == 0.8 and engine.scheduler.step_budget == 4
     # Heavy demand (5 requests/s in the next window): rich needs 3 heavy GPUs; cheap fits (0.5 + 0.5).
     for i in range(5):
         engine.submit(cascade_state(1 + i))
     clock.now = 2.0
     engine.step()
-    assert engine.router.threshold == 0.2 and engine.step_budget == 2
+    assert engine.scheduler.router.threshold == 0.2 and engine.scheduler.step_budget == 2
     assert [d.option for d in engine.observer.decisions] == [rich, cheap]
     assert engine.observer.decisions[-1].inputs["demand"] == 5.0
     late = cascade_state(9)
     engine.submit(late)  # steps 4 > budget 2: served with the budget, reported as degraded
-    assert (late.params.steps, late.degraded_from) == (2, 4)
+    assert (late.params.steps, late.requested_steps) == (2, 4)
 
 
 def test_controller_with_nothing_feasible_picks_the_cheapest_option_and_says_overloaded():

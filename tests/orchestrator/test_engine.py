@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from triffusion.orchestrator.engine import Engine, PipelineSpec
+from triffusion.orchestrator.engine import PipelineSpec, make_engine as build
+from triffusion.orchestrator.errors import Code
 from triffusion.orchestrator.request import Status
 from triffusion.orchestrator.scheduler import QueueFull, StepScheduler
 
@@ -11,8 +12,8 @@ from .fakes import SCHEDULER_CONFIG, FakeExecutor, RecordingSink, make_state
 
 
 def make_engine(executor=None, **scheduler_args):
-    return Engine(executor or FakeExecutor(), PipelineSpec(model="fake", scheduler_config=SCHEDULER_CONFIG),
-                  StepScheduler(**scheduler_args))
+    return build(executor or FakeExecutor(), PipelineSpec(model="fake", scheduler_config=SCHEDULER_CONFIG),
+                 StepScheduler(**scheduler_args))
 
 
 def drain(engine, limit=200):
@@ -91,7 +92,7 @@ def test_cancel_stops_early_and_frees_slot():
     engine.submit(cancelled)
     engine.submit(waiting)
     drain(engine)
-    assert cancelled.sink.outcome == "fail" and cancelled.sink.events[-1][1] is Status.CANCELLED
+    assert cancelled.sink.outcome == "fail" and cancelled.sink.events[-1][1] is Code.CANCELLED
     assert cancelled.steps_done == 2
     assert waiting.sink.outcome == "finish"
 
@@ -110,7 +111,8 @@ def test_failing_model_fails_its_requests_and_engine_keeps_serving():
     broken = make_state(1)
     engine.submit(broken)
     drain(engine)
-    assert broken.sink.outcome == "fail" and "unet exploded" in broken.sink.events[-1][2]
+    # The client reads which component failed, not the exception's text (that goes to the log).
+    assert broken.sink.outcome == "fail" and broken.sink.events[-1][1:] == (Code.INTERNAL, "unet failed (RuntimeError)")
     executor.fail_denoise = False
     healthy = make_state(2)
     engine.submit(healthy)
@@ -129,8 +131,8 @@ def test_no_cfg_uses_one_row():
 def test_pipelined_stages_give_the_same_images_as_sequential():
     results = {}
     for pipelined in (False, True):
-        engine = Engine(FakeExecutor(), PipelineSpec(model="fake", scheduler_config=SCHEDULER_CONFIG),
-                        StepScheduler(max_active=3), pipelined=pipelined)
+        engine = build(FakeExecutor(), PipelineSpec(model="fake", scheduler_config=SCHEDULER_CONFIG),
+                       StepScheduler(max_active=3), pipelined=pipelined)
         states = [make_state(i, steps=2 + i) for i in range(6)]
         for s in states:
             engine.submit(s)
@@ -150,8 +152,8 @@ def test_patched_batches_serve_mixed_resolutions_in_one_call_and_match_buckets()
     results = {}
     for hybrid in ("bucket", "patch"):
         executor = FakeExecutor()
-        engine = Engine(executor, PipelineSpec(model="fake", scheduler_config=SCHEDULER_CONFIG),
-                        StepScheduler(max_active=8, hybrid=hybrid, patch_grid=PatchGrid(patch=8, halo=4)))
+        engine = build(executor, PipelineSpec(model="fake", scheduler_config=SCHEDULER_CONFIG),
+                       StepScheduler(max_active=8, hybrid=hybrid, patch_grid=PatchGrid(patch=8, halo=4)))
         states = mixed_requests()
         for s in states:
             engine.submit(s)

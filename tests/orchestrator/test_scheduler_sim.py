@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from triffusion.orchestrator.engine import Engine, PipelineSpec
+from triffusion.orchestrator.engine import PipelineSpec, make_engine
 from triffusion.orchestrator.policies import create_policy
 from triffusion.orchestrator.predictor import LatencyPredictor
 from triffusion.orchestrator.request import Status
@@ -17,8 +17,8 @@ def sim_engine(policy="fcfs", predictor=None, **limits):
     clock = SimClock()
     scheduler = StepScheduler(policy=create_policy(policy), predictor=predictor or LatencyPredictor(), **limits)
     # Sequential stages: one simulated clock cannot be advanced by two threads at once.
-    engine = Engine(TimedExecutor(clock), PipelineSpec(model="fake", scheduler_config=SCHEDULER_CONFIG),
-                    scheduler, clock=clock, pipelined=False)
+    engine = make_engine(TimedExecutor(clock), PipelineSpec(model="fake", scheduler_config=SCHEDULER_CONFIG),
+                         scheduler, clock=clock, pipelined=False)
     return engine, clock
 
 
@@ -109,6 +109,7 @@ def test_every_admitted_request_finishes_or_fails_with_a_reason(policy):
                 assert state.error
         else:
             assert state.status is Status.REJECTED and not terminal  # the adapter answers rejections
+            assert state.error.code.value == "UNAVAILABLE"
     assert not engine.scheduler.running and not engine.scheduler.waiting
 
 
@@ -143,7 +144,7 @@ def test_admission_serves_fewer_steps_when_allowed():
     scheduler = StepScheduler(max_active=4, predictor=exact_predictor())
     state = make_slo_state(1, 1000, steps=10, min_steps=4)  # 0.125 + n x 0.125 <= 1.0 -> n = 7
     scheduler.add(state, now=0.0)
-    assert (state.params.steps, state.degraded_from) == (7, 10)
+    assert (state.params.steps, state.requested_steps) == (7, 10)
     with pytest.raises(Rejected, match="with 4 steps"):
         StepScheduler(max_active=4, predictor=exact_predictor()).add(make_slo_state(2, 600, min_steps=4), now=0.0)
 
@@ -153,7 +154,7 @@ def test_admission_protects_admitted_requests():
     tight = make_slo_state(1, 1375)
     scheduler.add(tight, now=0.0)
     scheduler.running.append(scheduler.waiting.pop())  # admitted and running, on schedule exactly
-    tight.sampler, tight.steps_target = object(), 10
+    tight.steps_target = 10
     with pytest.raises(Rejected, match="would make request r1 miss its SLO"):
         scheduler.add(make_slo_state(2, 100_000), now=0.0)
 

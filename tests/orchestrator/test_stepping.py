@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from triffusion.orchestrator.engine import Engine, PipelineSpec
+from triffusion.orchestrator.engine import PipelineSpec, make_engine
 from triffusion.orchestrator.params import GenerationParams
 from triffusion.orchestrator.sampling import Sampler
 from triffusion.orchestrator.scheduler import StepScheduler
@@ -12,15 +12,20 @@ from triffusion.orchestrator.stepping import EntropyStop, latent_entropy
 from .fakes import SCHEDULER_CONFIG, FakeExecutor, make_state
 
 
-def sequence(widths):
+def latents(widths):
     """Latents whose value spread (so entropy) follows `widths`, one per step."""
     g = torch.Generator().manual_seed(0)
     base = torch.randn(1, 4, 16, 16, generator=g)
     return [base * w for w in widths]
 
 
+def sequence(widths):
+    """The entropy the runner measures after each step of such latents."""
+    return [latent_entropy(x) for x in latents(widths)]
+
+
 def test_entropy_grows_with_spread():
-    small, large = sequence([0.1, 1.0])
+    small, large = latents([0.1, 1.0])
     assert latent_entropy(large) > latent_entropy(small)
 
 
@@ -60,8 +65,8 @@ def test_one_last_step_recovers_the_clean_sample(scheduler):
 
 
 def test_engine_auto_mode_stops_early_and_reports_it():
-    engine = Engine(FakeExecutor(), PipelineSpec(model="fake", scheduler_config=SCHEDULER_CONFIG),
-                    StepScheduler(), entropy={"unet": {"threshold": 10.0, "patience": 1, "min_fraction": 0.3}})
+    engine = make_engine(FakeExecutor(), PipelineSpec(model="fake", scheduler_config=SCHEDULER_CONFIG),
+                         StepScheduler(entropy={"unet": {"threshold": 10.0, "patience": 1, "min_fraction": 0.3}}))
     auto, fixed = make_state(1, steps=20), make_state(2, steps=20)
     auto.params.step_mode = "auto"
     for s in (auto, fixed):

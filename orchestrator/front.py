@@ -1,0 +1,201 @@
+"""The fronts (`text_to_image`, `text_to_image_stream`): what clients call. Plain Python; the Triton
+adapter supplies the I/O.
+
+A front validates and tokenizes a request (off the orchestrator's process, so a huge prompt stalls no
+one), forwards it to the orchestrator and owns the client's request until its one final answer:
+- the orchestrator's answer, relayed (progress and previews too, on the streaming front);
+- CANCELLED when the client went away or its own deadline (the request's timeout) passed, after which
+  the orchestrator is told to stop the work;
+- UNAVAILABLE when the orchestrator process that holds the request died: Triton 2.51 would never answer
+  such a request, and never restarts the stub (the supervisor reloads it).
+A front holds at most `max_inflight` requests and refuses more at once (UNAVAILABLE)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from triffusion import contract
+
+from .errors import Cancelled, ComponentUnavailable, InvalidRequest, ServingError
+from .params import GenerationParams, Limits, parse_params
+
+log = logging.getLogger(__name__)
+
+
+class FrontSink(Protocol):
+    def progress(self, progress) -> None: ...
+    def preview(self, image) -> None: ...
+    def finish(self, image, metadata: bytes) -> None: ...
+    def fail(self, error: ServingError) -> None: ...
+    def is_cancelled(self) -> bool: ...
+
+
+@dataclass(eq=False)
+class Inflight:
+    """One client request the front is holding."""
+
+    id: str
+    sink: FrontSink
+    stream: bool
+    deadline: float | None  # monotonic time the client stops waiting (its request timeout)
+    orchestrator: int | None  # pid of the orchestrator process the request went to
+    done: bool = False
+    last_cancel_check: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Front:
+    def __init__(self, limits: Limits, tokenizer, *, unary: bool, max_inflight: int = 256,
+                 find_orchestrator: Callable[[], int | None] = lambda: None,
+                 alive: Callable[[int], bool] = lambda pid: True, cancel: Callable[[str], None] = lambda rid: None,
+                 clock=time.monotonic, cancel_check_s: float = 0.5):
+        self.limits, self.tokenizer, self.unary = limits, tokenizer, unary
+        self.max_inflight = max_inflight
+        self.find_orchestrator, self.alive, self.cancel = find_orchestrator, alive, cancel
+        self.clock, self.cancel_check_s = clock, cancel_check_s
+        self._inflight: dict[str, Inflight] = {}
+        self._lock = threading.Lock()
+        self._orchestrator: int | None = None
+        self._ids = itertools.count()
+        self._prefix = f"{os.getpid():x}-{uuid.uuid4().hex[:8]}"
+        self.abandoned = 0  # requests answered while their orchestrator call was still blocked
+
+    # ---- intake ------------------------------------------------------------------------------
+    def prepare(self, raw: dict) -> tuple[GenerationParams, np.ndarray]:
+        """Validated parameters and the (2, 77) token ids, or InvalidRequest naming the field."""
+        if self.unary:
+            for name in contract.STREAM_ONLY:
+                if raw.get(name):
+                    raise InvalidRequest(name, f"needs a stream; call {contract.TEXT_TO_IMAGE_STREAM} over gRPC "
+                                               f"streaming, or leave it out")
+        params = parse_params(raw, self.limits, self.tokenizer.count)
+        ids = self.tokenizer.input_ids(params.prompt, params.negative_prompt, cfg=True)
+        return params, ids
+
+    def accept(self, sink: FrontSink, stream: bool, timeout_s: float | None) -> Inflight:
+        """Register a request; raises ServingError at once when the front is full or no orchestrator runs."""
+        pid = self._live_orchestrator()
+        if pid is None:
+            raise ComponentUnavailable("orchestrator", "is restarting; retry shortly")
+        with self._lock:
+            if len(self._inflight) >= self.max_inflight:
+                raise ServingError(f"too many requests in flight ({self.max_inflight}); retry later",
+                                   code=ComponentUnavailable.code, reason="front_full")
+            inflight = Inflight(id=f"{self._prefix}-{next(self._ids)}", sink=sink, stream=stream,
+                                deadline=None if not timeout_s else self.clock() + timeout_s, orchestrator=pid)
+            self._inflight[inflight.id] = inflight
+            return inflight
+
+    def payload(self, inflight: Inflight, params: GenerationParams, received: float) -> bytes:
+        from dataclasses import asdict
+        import json
+
+        body = {"id": inflight.id, "received": received, "params": asdict(params)}
+        return json.dumps(body).encode()
+
+    # ---- answers -----------------------------------------------------------------------------
+    def relay(self, inflight: Inflight, kind: str, value) -> None:
+        """A progress or preview response on its way to a streaming client."""
+        if not inflight.stream or inflight.done:
+            return
+        try:
+            (inflight.sink.progress if kind == "progress" else inflight.sink.preview)(value)
+        except Exception:  # noqa: BLE001 - the client is gone; the sweep cancels the work
+            log.debug("relay to %s failed", inflight.id, exc_info=True)
+
+    def finish(self, inflight: Inflight, image, metadata: bytes) -> None:
+        self._final(inflight, lambda: inflight.sink.finish(image, metadata))
+
+    def fail(self, inflight: Inflight, error: ServingError) -> None:
+        self._final(inflight, lambda: inflight.sink.fail(error))
+
+    def _final(self, inflight: Inflight, send) -> bool:
+        """Exactly one final answer per request, whoever gets there first."""
+        with inflight.lock:
+            if inflight.done:
+                return False
+            inflight.done = True
+        with self._lock:
+            self._inflight.pop(inflight.id, None)
+        try:
+            send()
+        except Exception:  # noqa: BLE001
+            log.warning("final answer of %s could not be sent", inflight.id, exc_info=True)
+        return True
+
+    # ---- watchdog ----------------------------------------------------------------------------
+    def sweep(self) -> None:
+        """Called every ~100 ms: fail what the orchestrator can no longer answer, cancel what the client
+        no longer wants. `is_cancelled()` is an IPC round trip: checked at most every cancel_check_s."""
+        now = self.clock()
+        with self._lock:
+            inflight = list(self._inflight.values())
+        dead = {pid for pid in {i.orchestrator for i in inflight} if pid is not None and not self.alive(pid)}
+        if dead:
+            with self._lock:
+                if self._orchestrator in dead:
+                    self._orchestrator = None
+        for item in inflight:
+            if item.orchestrator in dead:
+                if self._final(item, lambda i=item: i.sink.fail(ComponentUnavailable(
+                        "orchestrator", "stopped while serving the request; retry it"))):
+                    self.abandoned += 1
+                continue
+            if item.deadline is not None and now >= item.deadline:
+                self._give_up(item, Cancelled("the request's timeout passed before it finished"))
+                continue
+            if now - item.last_cancel_check >= self.cancel_check_s:
+                item.last_cancel_check = now
+                try:
+                    cancelled = item.sink.is_cancelled()
+                except Exception:  # noqa: BLE001
+                    cancelled = True
+                if cancelled:
+                    self._give_up(item, Cancelled("cancelled by the client"))
+
+    def _give_up(self, item: Inflight, error: ServingError) -> None:
+        if self._final(item, lambda: item.sink.fail(error)):
+            try:
+                self.cancel(item.id)  # the orchestrator frees the slot at its next step boundary
+            except Exception:  # noqa: BLE001
+                log.warning("could not cancel %s in the orchestrator", item.id, exc_info=True)
+
+    def _live_orchestrator(self) -> int | None:
+        with self._lock:
+            pid = self._orchestrator
+        if pid is not None and self.alive(pid):
+            return pid
+        pid = self.find_orchestrator()
+        with self._lock:
+            self._orchestrator = pid
+        return pid
+
+    def fail_all(self, error: ServingError) -> None:
+        with self._lock:
+            inflight = list(self._inflight.values())
+        for item in inflight:
+            self._final(item, lambda i=item: i.sink.fail(error))
+
+    @property
+    def inflight(self) -> int:
+        with self._lock:
+            return len(self._inflight)
+
+
+def decode_status(raw: Any) -> ServingError:
+    """The orchestrator's typed failure (the `status` output) as a ServingError."""
+    import json
+
+    try:
+        return ServingError.from_dict(json.loads(raw))
+    except (ValueError, TypeError):
+        return ServingError("the orchestrator answered with an unreadable status")
