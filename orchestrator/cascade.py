@@ -94,6 +94,10 @@ class LoadController:
             self._window_start = now
         self._arrivals += 1
 
+    def due_at(self) -> float | None:
+        """The earliest time `decide` makes a decision (None before the first arrival)."""
+        return None if self._window_start is None else self._window_start + self.interval_s
+
     def decide(self, now: float) -> Decision | None:
         """A new decision when a window has closed, else None."""
         if self._window_start is None or now - self._window_start < self.interval_s:

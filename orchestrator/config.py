@@ -136,25 +136,34 @@ def unets_of(pipeline: dict) -> dict[str, str]:
     return unets
 
 
+def build_scheduler(config: OrchestratorConfig, *, profile: dict | None = None, models=(), entropy: dict | None = None,
+                    cascade: Cascade | None = None, threshold: float = 0.5, controller: LoadController | None = None,
+                    latent_scale: int = 8) -> StepScheduler:
+    """The scheduler the server runs for `config` (the simulator builds its GPUs' schedulers here too): a
+    latency predictor seeded by the profile measured at export (refined online from every call), the policy,
+    the patch grid, the entropy thresholds of every UNet in `models`, and the cascade."""
+    predictor = LatencyPredictor()
+    if profile:
+        predictor.seed(profile)
+    policy = create_policy(config.policy, **({"best_effort_s": config.best_effort_s} if config.policy == "edf" else {}))
+    return StepScheduler(max_active=config.max_active, max_queue=config.max_queue, max_batch=config.max_batch,
+                         policy=policy, predictor=predictor, hybrid=config.hybrid,
+                         patch_grid=PatchGrid(config.patch, config.halo), latent_scale=latent_scale,
+                         cascade=cascade, threshold=threshold, controller=controller,
+                         entropy={name: dict(entropy or {}) for name in models})
+
+
 def build_engine(config: OrchestratorConfig, pipeline: dict, executor, *, profile: dict | None = None,
                  observer: Observer | None = None, clock=None) -> tuple[Engine, Limits]:
     spec = spec_of(pipeline)
-    predictor = LatencyPredictor()
-    if profile:  # measured at export; refined online from every call
-        predictor.seed(profile)
+    cascade, threshold, controller = cascade_of(config, pipeline)
     # Entropy thresholds: the registry's per-family values, overridden by explicit parameters.
     entropy = {**(pipeline.get("registry", {}).get("entropy") or {}), **config.entropy}
-    cascade, threshold, controller = cascade_of(config, pipeline)
-    grid = PatchGrid(config.patch, config.halo)
-    scheduler = StepScheduler(max_active=config.max_active, max_queue=config.max_queue, max_batch=config.max_batch,
-                              policy=create_policy(config.policy, **({"best_effort_s": config.best_effort_s}
-                                                                     if config.policy == "edf" else {})),
-                              predictor=predictor, hybrid=config.hybrid, patch_grid=grid,
-                              latent_scale=spec.vae_scale_factor, cascade=cascade, threshold=threshold,
-                              controller=controller,
-                              entropy={name: entropy for name in unets_of(pipeline).values()})
+    scheduler = build_scheduler(config, profile=profile, models=unets_of(pipeline).values(), entropy=entropy,
+                                cascade=cascade, threshold=threshold, controller=controller,
+                                latent_scale=spec.vae_scale_factor)
     options = {} if clock is None else {"clock": clock}
-    runner = Runner(executor, spec, device=config.engine_device, patch_grid=grid,
+    runner = Runner(executor, spec, device=config.engine_device, patch_grid=scheduler.patch_grid,
                     max_decode_batch=config.max_decode_batch or None, **options)
     engine = Engine(scheduler, runner, model=spec.model, observer=observer, **options)
     return engine, Limits.from_dict(pipeline.get("limits", {}))

@@ -18,7 +18,7 @@ import time
 from .errors import ServingError, ShuttingDown
 from .request import RequestState, Status
 from .runner import PipelineSpec, Runner
-from .scheduler import Plan, RunnerOutput, StepScheduler, Update
+from .scheduler import RunnerOutput, StepScheduler, Update
 
 log = logging.getLogger(__name__)
 

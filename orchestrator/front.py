@@ -13,12 +13,13 @@ A front holds at most `max_inflight` requests and refuses more at once (UNAVAILA
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -96,9 +97,8 @@ class Front:
             return inflight
 
     def payload(self, inflight: Inflight, params: GenerationParams, received: float) -> bytes:
-        from dataclasses import asdict
-        import json
-
+        """The orchestrator's `request` input: validated parameters, the id cancels refer to, and the
+        monotonic time the front received the request (the SLO counts from it)."""
         body = {"id": inflight.id, "received": received, "params": asdict(params)}
         return json.dumps(body).encode()
 
@@ -193,8 +193,6 @@ class Front:
 
 def decode_status(raw: Any) -> ServingError:
     """The orchestrator's typed failure (the `status` output) as a ServingError."""
-    import json
-
     try:
         return ServingError.from_dict(json.loads(raw))
     except (ValueError, TypeError):

@@ -24,9 +24,16 @@ class MetricsObserver(Observer):
             family("triffusion_cascade_total", "Cascade answers by route (light kept, heavy redone)", counter),
             family("triffusion_cascade", "Cascade gate state: threshold, escalation rate, last score", gauge),
             family("triffusion_controller", "Load-adaptive controller: decision and its inputs", gauge),
+            family("triffusion_failures_total", "Requests that ended with an error, by code and reason", counter),
+            family("triffusion_supervisor_actions", "Reloads of a model and restarts of tritonserver the "
+                   "supervisor made since it started", gauge),
+            family("triffusion_engine_loop_errors_total", "Engine iterations that failed outside the runner", counter),
         ]
         (self._requests, self._slo, queue, batch, stage, self._call_family, routes, cascade,
-         controller) = self._families
+         controller, self._failure_family, self._supervisor_family, loop_errors) = self._families
+        self._failures: dict[tuple, object] = {}
+        self._supervisor: dict[tuple, object] = {}
+        self._loop_errors = loop_errors.Metric(labels={})
         self._routes = {route: routes.Metric(labels={"route": route}) for route in ("light", "heavy")}
         self._cascade = {key: cascade.Metric(labels={"value": key})
                          for key in ("threshold", "escalation_rate", "last_score")}
@@ -44,6 +51,11 @@ class MetricsObserver(Observer):
 
     def request_done(self, state: RequestState) -> None:
         self._outcomes[state.status].increment(1)
+        if state.error is not None:
+            key = (state.error.code.value, state.error.reason)
+            if key not in self._failures:
+                self._failures[key] = self._failure_family.Metric(labels={"code": key[0], "reason": key[1]})
+            self._failures[key].increment(1)
         if state.slo_met is not None:
             self._slo_met[state.slo_met].increment(1)
         t = state.times
@@ -79,3 +91,13 @@ class MetricsObserver(Observer):
                   "expected_quality": option.quality, "expected_escalation": option.escalation}
         for key, value in values.items():
             self._controller[key].set(float(value))
+
+    def loop_error(self) -> None:
+        self._loop_errors.increment(1)
+
+    def supervisor(self, events) -> None:
+        for event in events:
+            key = (str(event.get("action")), str(event.get("model")))
+            if key not in self._supervisor:
+                self._supervisor[key] = self._supervisor_family.Metric(labels={"action": key[0], "model": key[1]})
+            self._supervisor[key].set(float(event.get("count", 0)))

@@ -45,7 +45,8 @@ class RequestState:
     status: Status = Status.QUEUED
     model: str = "unet"  # the UNet (Triton model name) this request is running on now
     steps_done: int = 0
-    steps_target: int = 0  # sampler evaluations; set once encoded (a sampler may evaluate twice per step)
+    steps_target: int = 0  # sampler evaluations to run; set once encoded, lowered by an early stop
+    evaluations: int = 0  # the sampler's evaluations for the requested steps (a sampler may evaluate twice a step)
     times: dict[str, float] = field(default_factory=dict)  # status -> clock time it was entered
     error: Any = None  # the ServingError it ended with
     received: float | None = None  # clock time the request reached the server (its front), if known

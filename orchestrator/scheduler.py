@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .cascade import CascadeRouter, Decision, LoadController
-from .errors import Cancelled, QueueFull, Rejected, ServingError, ShuttingDown
+from .errors import Cancelled, QueueFull, Rejected, ServingError
 from .patches import PatchGrid
 from .policies import FCFS, Policy
 from .predictor import LatencyPredictor
@@ -121,12 +121,12 @@ class StepScheduler:
     # ---- intake ----------------------------------------------------------------------------
     def add(self, state: RequestState, now: float) -> None:
         """Queue a request or raise a ServingError at once (closed, queue full, SLO infeasible)."""
+        if self.controller is not None:  # demand counts every arrival, served or not
+            self.controller.observe_arrival(now)
         if self.closed is not None:
             raise self.closed
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"queue is full ({self.max_queue} waiting); retry later")
-        if self.controller is not None:
-            self.controller.observe_arrival(now)
         self._seq += 1
         state.arrival = now if state.received is None else min(state.received, now)
         state.seq = self._seq
@@ -286,7 +286,7 @@ class StepScheduler:
         for state, evaluations in output.encoded.items():
             if state.status.done:
                 continue
-            state.steps_target = evaluations
+            state.steps_target = state.evaluations = evaluations
             if state.params.step_mode == "auto":
                 state.stopper = EntropyStop(**self.entropy.get(state.model, {}))
             state.enter(Status.DENOISING, now)
@@ -331,6 +331,7 @@ class StepScheduler:
         variants share the text encoder) and its seed, and starts from the same noise."""
         state.escalated, state.model = True, self.cascade.heavy
         state.steps_done, state.last_step_pending, state.early_stop = 0, False, False
+        state.steps_target = state.evaluations  # an early stop on the light model shortened it
         if state.stopper is not None:
             state.stopper = EntropyStop(**self.entropy.get(state.model, {}))
         state.enter(Status.DENOISING, now)

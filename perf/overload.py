@@ -110,7 +110,7 @@ def _percentile(sorted_values: list[float], q: float) -> float | None:
 class LoadResult:
     records: list[RequestRecord]
     duration_s: float  # from the run's start to the last request's end
-    model: str = contract.ORCHESTRATOR
+    model: str = contract.TEXT_TO_IMAGE_STREAM
     url: str | None = None
 
     def summary(self) -> dict:
@@ -201,7 +201,7 @@ async def _send(client, model: str, record: RequestRecord, request: dict, start:
     await asyncio.sleep(max(0.0, start + record.arrival_s - loop.time()))  # the arrival schedule, not a wait
     inputs = _infer_inputs(request)
     record.sent_s = loop.time() - start
-    if model == contract.ORCHESTRATOR:
+    if model == contract.TEXT_TO_IMAGE_STREAM:
         call = _stream_once(client, model, inputs)
     else:
         call = client.infer(model, inputs, request_id=uuid.uuid4().hex)
@@ -218,7 +218,7 @@ async def _send(client, model: str, record: RequestRecord, request: dict, start:
         record.complete(loop.time() - start, json.loads(result.as_numpy("metadata")[0]))
 
 
-async def run_load(url: str, requests: list[dict], arrivals: list[float], *, model: str = contract.ORCHESTRATOR,
+async def run_load(url: str, requests: list[dict], arrivals: list[float], *, model: str = contract.TEXT_TO_IMAGE_STREAM,
                    timeout_s: float = DEFAULT_TIMEOUT_S) -> LoadResult:
     """Send requests[i] (orchestrator inputs by name; `prompt` required) at arrivals[i] seconds after the
     start, all concurrently over one channel, and record how each ended."""
@@ -248,8 +248,8 @@ async def run_load(url: str, requests: list[dict], arrivals: list[float], *, mod
 def _parser() -> argparse.ArgumentParser:
     ap = OneLineParser(prog="python -m perf.overload", description=__doc__.splitlines()[0])
     ap.add_argument("--url", default="localhost:8001", help="gRPC host:port")
-    ap.add_argument("--model", default=contract.ORCHESTRATOR,
-                    help=f"{contract.ORCHESTRATOR} (streamed) or {contract.TEXT_TO_IMAGE} (unary)")
+    ap.add_argument("--model", default=contract.TEXT_TO_IMAGE_STREAM,
+                    help=f"{contract.TEXT_TO_IMAGE_STREAM} (streamed) or {contract.TEXT_TO_IMAGE} (unary)")
     load = ap.add_mutually_exclusive_group(required=True)
     load.add_argument("--rate", type=float, help="Poisson arrivals per second")
     load.add_argument("--capacity", type=float, help="requests per second the server sustains; with --factor")

@@ -99,13 +99,13 @@ def _error_line(done: subprocess.CompletedProcess) -> str:
     return errors[0] if errors else (lines[-1].strip() if lines else f"exit status {done.returncode}")
 
 
-def run_rate(url: str, rate: float, data: dict, *, model: str = contract.ORCHESTRATOR, requests: int = 10,
+def run_rate(url: str, rate: float, data: dict, *, model: str = contract.TEXT_TO_IMAGE_STREAM, requests: int = 10,
              workdir: Path | None = None) -> tuple[list[float], float]:
     """One Poisson run at `rate`; returns (latencies in ms, measured seconds)."""
     return run_load(url, data, model=model, rate=rate, requests=requests, workdir=workdir)
 
 
-def run_load(url: str, data: dict, *, model: str = contract.ORCHESTRATOR, rate: float | None = None,
+def run_load(url: str, data: dict, *, model: str = contract.TEXT_TO_IMAGE_STREAM, rate: float | None = None,
              intervals: Path | None = None, requests: int = 10, streaming: bool | None = None,
              workdir: Path | None = None) -> tuple[list[float], float]:
     """One perf_analyzer run, Poisson at `rate` or replaying an `intervals` trace (--request-intervals,
@@ -118,7 +118,7 @@ def run_load(url: str, data: dict, *, model: str = contract.ORCHESTRATOR, rate: 
     (workdir / "input.json").write_text(json.dumps(data))
     label = f"{rate}" if rate is not None else Path(intervals).stem
     export = workdir / f"profile_{model}_{label}.json"
-    streaming = model == contract.ORCHESTRATOR if streaming is None else streaming
+    streaming = model == contract.TEXT_TO_IMAGE_STREAM if streaming is None else streaming
     load = (["--request-rate-range", str(rate), "--request-distribution", "poisson"] if rate is not None
             else ["--request-intervals", str(intervals)])
     if intervals is not None:

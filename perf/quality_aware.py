@@ -111,8 +111,11 @@ def simulated(profile: dict, rows: dict, policy: str, size: int, steps: int, slo
         if policy == "auto_cascade":
             model = light
             cascade = CascadeSpec(light, heavy, escalation_rate=row["escalation_rate"] or 0.0, seed=0)
+        # auto_cascade: the latent settles at the measured mean steps; the scheduler's entropy stop ends it.
+        auto = POLICIES[policy]["step_mode"] == "auto"
         requests = [SimRequest(arrival=t, height=size, width=size, steps=steps, slo_ms=slo_ms, model=model,
-                               step_mode="fixed", steps_run=round(answered_steps) if policy == "auto_cascade" else None)
+                               step_mode=POLICIES[policy]["step_mode"],
+                               steps_run=max(1, round(answered_steps)) if auto else None)
                     for t in row["arrivals"]]
         result = simulate(requests, 1, scheduler_factory(profile, "edf", max_active=max_active), LatencyModel(profile),
                           cascade=cascade)

@@ -1,14 +1,17 @@
 """Discrete-event simulator for scale planning (after DiffServe and SD-as-a-Service).
 
-It replays an arrival trace on N simulated GPUs. Every GPU runs the server's own StepScheduler and
-policy objects; one iteration makes the calls the Engine makes (sequential mode: encode of the joining
-requests, VAE decode of the finished ones, then one UNet call per denoise batch) and lasts the sum of
-their times from a measured latency profile. Admission, batching and ordering are the real code; only
-the model calls are replaced by a clock.
+It replays an arrival trace on N simulated GPUs. Every GPU runs the engine's loop on the server's own
+StepScheduler: plan = scheduler.schedule(now); output = runner.execute(plan);
+scheduler.update_from_output(plan, output, now + seconds). Only the runner is simulated (SimulatedRunner):
+it makes the calls the Runner makes (sequential mode: encode of the joining requests, VAE decode of the
+finished ones, then one UNet call per denoise batch), each timed from a measured latency profile, and
+reports what the real one would (evaluations, entropy numbers, gate scores, call times). Admission,
+batching, ordering, early stops, cascade routing, releases and the predictor's learning all happen in the
+scheduler, as in the server; the simulator only dispatches arrivals to GPUs and keeps the clock.
 
-Speed: a run of identical iterations (only denoising, nobody can join or finish) is one event. An arrival
-in the middle of it first brings that GPU's request states up to date, so admission sees the progress it
-would see iteration by iteration.
+Speed: a run of identical iterations (only denoising, nobody can join or finish) is one event; the
+scheduler still applies every iteration's output, lazily. An arrival in the middle of it first applies
+those that ended by then, so admission sees the progress it would see iteration by iteration.
 
     python -m perf.simulator --profile build/model_repository/orchestrator/1/profile.json \\
         --gpus 1,2,4,8,16,32,64 --rates 0.1,0.2,0.4 --duration 3600 --steps 50 --sizes 512,768 \\
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import collections
 import heapq
 import itertools
 import json
@@ -31,15 +35,16 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterable
 
+from triffusion.orchestrator.cascade import LoadController
+from triffusion.orchestrator.config import OrchestratorConfig, build_scheduler
+from triffusion.orchestrator.errors import ServingError
 from triffusion.orchestrator.params import STEP_MODES, GenerationParams
 from triffusion.orchestrator.policies import POLICIES, create_policy
 from triffusion.orchestrator.predictor import LatencyPredictor
 from triffusion.orchestrator.request import RequestState, Status
-from triffusion.orchestrator.scheduler import Plan, QueueFull, Rejected, StepScheduler
+from triffusion.orchestrator.scheduler import Cascade, Plan, RunnerOutput, StepScheduler
 
 DISPATCH = ("least_loaded", "round_robin")
-# Rejections are counted by the exception the scheduler raised (it carries no finer reason code).
-REJECT_REASONS = ((QueueFull, "queue_full"), (Rejected, "rejected"))
 
 
 def _is_int(value) -> bool:
@@ -123,11 +128,18 @@ class LatencyModel:
     def noise_stream(self) -> Callable[[float], float] | None:
         """A fresh seeded stream, seconds -> seconds x a log-normal factor of mean 1; None without noise.
         Fresh per replay, so replaying the same trace gives the same times."""
+        factor = self.factor_stream()
+        return None if factor is None else (lambda seconds: seconds * factor())
+
+    def factor_stream(self, stream: int | None = None) -> Callable[[], float] | None:
+        """A fresh seeded stream of log-normal factors of mean 1 (None without noise); `stream` numbers
+        independent streams of the same seed (the simulator gives each GPU its own)."""
         if not self.noise:
             return None
-        rng, sigma = random.Random(self.seed), self.noise
+        rng = random.Random(self.seed if stream is None else f"{self.seed}:{stream}")
+        sigma = self.noise
         mu = -sigma * sigma / 2
-        return lambda seconds: seconds * rng.lognormvariate(mu, sigma)
+        return lambda: rng.lognormvariate(mu, sigma)
 
 
 # ---- requests and traces ----------------------------------------------------------------------
@@ -146,7 +158,10 @@ class SimRequest:
     guidance_scale: float = 7.5
     min_steps: int | None = None
     escalate: bool | None = None  # cascade: True/False decides; None draws with the escalation rate
-    steps_run: int | None = None  # UNet evaluations actually run (entropy early stop); None: all
+    # step_mode auto: the evaluations after which the latent settles (the simulated entropy stays flat
+    # from there); the scheduler's entropy stop then ends the request there, or where its thresholds
+    # first allow. None: Simulator(auto_steps=...) says, else the entropy never settles.
+    steps_run: int | None = None
 
     def __post_init__(self):
         def bad(name, allowed):
@@ -173,6 +188,9 @@ class SimRequest:
             bad("escalate", "None, true or false")
         if self.steps_run is not None and not (_is_int(self.steps_run) and self.steps_run >= 1):
             bad("steps_run", "None or an integer >= 1")
+        if self.steps_run is not None and self.step_mode != "auto":
+            raise ValueError(f"steps_run: {self.steps_run!r} needs step_mode 'auto'; only the server's entropy "
+                             "stop ends a request before its steps")
 
     @classmethod
     def from_dict(cls, data: dict) -> "SimRequest":
@@ -274,9 +292,11 @@ def arrivals_from_intervals(intervals: list[float], rate: float | None = None,
 # ---- simulation -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CascadeSpec:
-    """Light model first; a finished light answer is redone on the heavy model with probability
-    `escalation_rate` (drawn per request from `seed` before the replay, or the request's own `escalate`).
-    The heavy run keeps the original deadline: latency counts from the first arrival."""
+    """Light model first; the gate escalates a light answer with probability `escalation_rate` (drawn
+    per request from `seed` before the replay, or the request's own `escalate`; with a load controller,
+    the escalation rate of its current operating point). The heavy run keeps the original deadline:
+    latency counts from the first arrival. heavy_gpus 0: each GPU's scheduler routes and redoes the
+    request in place (the server's cascade); n > 0: the dispatcher sends it to the heavy GPUs."""
 
     light_model: str
     heavy_model: str
@@ -303,7 +323,7 @@ class SimRecord:
     finish: float | None = None  # None: rejected
     model: str | None = None  # the model whose answer was returned
     steps: int = 0  # UNet evaluations behind the answer (after admission's degradation and early stop)
-    rejected: str | None = None  # "queue_full" or "rejected"; "escalation_..." when the heavy re-queue was
+    rejected: str | None = None  # the scheduler's reason ("queue_full", "slo"); "escalation_..." on the heavy GPUs
     escalated: bool = False
     gpu: int | None = None  # the GPU that answered (or last took it)
 
@@ -332,51 +352,69 @@ class SimResult:
 
 
 class _Silent:
-    """The simulator's sink: nothing leaves and nothing is ever cancelled."""
+    """The simulator's sink: nothing leaves (the simulator reads the scheduler's updates, not the sinks)."""
 
     def progress(self, step, steps): ...
     def preview(self, image): ...
     def finish(self, image, metadata): ...
-    def fail(self, status, message): ...
-    def is_cancelled(self): return False
+    def fail(self, error): ...
 
 
 _SINK = _Silent()
-_ENCODED = object()  # stands in for the sampler: steps_left reads steps_target once a sampler exists
 
 
 @dataclass(eq=False)
 class _SimState(RequestState):
-    """A RequestState the scheduler handles like any other, plus what the simulator tracks of it."""
+    """A RequestState the scheduler handles like any other, plus the trace position it stands for and
+    the simulated runner's own memo of where its entropy settles (no engine state)."""
 
     index: int = 0
-    stop_at: int | None = None  # early stop: the evaluation after which steps_target drops to steps_done
-    escalate: bool = False
+    settle: int | None = None  # evaluations after which the simulated entropy stays flat (None: never)
+    settle_known: bool = False
 
 
 def scheduler_factory(profile: dict | None, policy: str = "edf", max_active: int = 8, max_queue: int = 64,
-                      max_batch: int = 16, **options) -> Callable[[], StepScheduler]:
+                      max_batch: int = 16, *, threshold: float = 0.5,
+                      controller: Callable[[], LoadController] | None = None, entropy: dict | None = None,
+                      best_effort_s: float = 30.0, patch: int = 8, halo: int = 4,
+                      **options) -> Callable[..., StepScheduler]:
     """Schedulers made the way config.build_engine makes the server's: each GPU gets its own predictor
-    seeded from the profile (it then learns online) and its own policy object."""
+    seeded from the profile (it then learns online), its own policy object, a patch grid, the entropy
+    thresholds (`entropy`: EntropyStop keywords, for every UNet of the profile) and, when the Simulator
+    asks for one with `make(cascade=Cascade(light, heavy))`, the cascade with its gate `threshold` and
+    a fresh LoadController from `controller()` (if given). `options` go to StepScheduler as they are."""
     create_policy(policy)  # an unknown policy fails here, by name
+    models = sorted({row[0] for row in profile.get("unet", [])}) if profile else []
+    config = OrchestratorConfig(max_active=max_active, max_queue=max_queue, max_batch=max_batch, policy=policy,
+                                best_effort_s=best_effort_s, patch=patch, halo=halo,
+                                **({"hybrid": options.pop("hybrid")} if "hybrid" in options else {}))
 
-    def make() -> StepScheduler:
-        predictor = LatencyPredictor()
-        if profile:
-            predictor.seed(profile)
-        return StepScheduler(max_active=max_active, max_queue=max_queue, max_batch=max_batch,
-                             policy=create_policy(policy), predictor=predictor, **options)
+    def make(cascade: Cascade | None = None) -> StepScheduler:
+        scheduler = build_scheduler(config, profile=profile, models=models, entropy=entropy, cascade=cascade,
+                                    threshold=threshold,
+                                    controller=controller() if cascade is not None and controller is not None else None,
+                                    **options)
+        return scheduler
 
     return make
 
 
 class Simulator:
-    """N GPUs, each with its own StepScheduler from `make_scheduler`; arrivals are dispatched to one GPU
-    at arrival time (least outstanding requests, or round robin), and never moved afterwards."""
+    """N GPUs, each with its own StepScheduler from `make_scheduler` driven by a SimulatedRunner;
+    arrivals are dispatched to one GPU at arrival time (least outstanding requests, or round robin),
+    and never moved afterwards.
 
-    def __init__(self, gpus: int, make_scheduler: Callable[[], StepScheduler], latency: LatencyModel,
+    Cascades: with `cascade.heavy_gpus == 0` every GPU's scheduler serves the cascade itself
+    (`make_scheduler(cascade=Cascade(light, heavy))`): the simulated gate scores each light answer and
+    the scheduler's router escalates it in place (same GPU, same slot). With `heavy_gpus > 0` (DiffServe's
+    split of GPUs between the variants, a cluster decision) the schedulers serve plain requests and the
+    dispatcher sends an escalated light answer to the heavy GPUs as a new request that keeps its
+    deadline (`received` = its first arrival)."""
+
+    def __init__(self, gpus: int, make_scheduler: Callable[..., StepScheduler], latency: LatencyModel,
                  dispatch: str = "least_loaded", cascade: CascadeSpec | None = None,
-                 auto_steps: Callable[[int], int] | None = None, learn: bool = True):
+                 auto_steps: Callable[[int], int] | None = None, learn: bool = True,
+                 max_decode_batch: int | None = None):
         if not (_is_int(gpus) and gpus >= 1):
             raise ValueError(f"gpus: {gpus!r} is not allowed; allowed an integer >= 1")
         if dispatch not in DISPATCH:
@@ -389,10 +427,13 @@ class Simulator:
                 if model not in latency.models:
                     raise ValueError(f"cascade: model '{model}' is not in the latency profile; "
                                      f"profiled: {', '.join(sorted(latency.models))}")
+        if max_decode_batch is not None and not (_is_int(max_decode_batch) and max_decode_batch >= 1):
+            raise ValueError(f"max_decode_batch: {max_decode_batch!r} is not allowed; allowed None or an integer >= 1")
         self.gpus, self.make_scheduler, self.latency = gpus, make_scheduler, latency
         self.dispatch, self.cascade = dispatch, cascade
         self.auto_steps = auto_steps  # step_mode "auto" requests: requested steps -> evaluations run
-        self.learn = learn  # feed call times to each scheduler's predictor, as the Engine does
+        self.learn = learn  # report call times to each scheduler (its predictor learns), as the Runner does
+        self.max_decode_batch = max_decode_batch  # largest VAE batch, as the Runner's
 
     def run(self, requests: Iterable[SimRequest | dict]) -> SimResult:
         checked = []
@@ -411,61 +452,279 @@ class Simulator:
         return _Replay(self, checked).run()
 
 
-def simulate(requests: Iterable[SimRequest | dict], gpus: int, make_scheduler: Callable[[], StepScheduler],
+def simulate(requests: Iterable[SimRequest | dict], gpus: int, make_scheduler: Callable[..., StepScheduler],
              latency: LatencyModel, **options) -> SimResult:
     """One replay: Simulator(gpus, make_scheduler, latency, **options).run(requests)."""
     return Simulator(gpus, make_scheduler, latency, **options).run(requests)
 
 
-class _Gpu:
-    """One simulated GPU: its scheduler, the run of identical iterations in flight, and its counters."""
+class SimulatedRunner:
+    """Stands in for orchestrator.runner.Runner: `execute(plan)` returns the RunnerOutput the real
+    runner would, with model call times from the latency profile instead of tensors. It decides nothing:
+    the scheduler applies the output in `update_from_output` (steps, early stops, routing, releases,
+    learning) exactly as it applies the real runner's.
 
-    __slots__ = ("index", "scheduler", "plan", "groups", "calls", "first", "start", "ends", "done", "version",
+    - encoded: the sampler's evaluations (the served `params.steps`);
+    - stepped: None, or for the requests the plan asks to measure (step_mode auto) an entropy number
+      that changes by more than the stop's threshold at every evaluation until the request's settle
+      point (`steps_run`, or `auto_steps(steps)`, minus one) and stays flat after it, so the scheduler's
+      own EntropyStop decides the early stop;
+    - images: a placeholder per decoded request; scores: the gate's score of each light answer the plan
+      gates, at the router's threshold if it is kept and one below it if it escalates;
+    - unet_calls, stages, denoise_s: the calls' times (with the profile's noise).
+
+    The calls run one after another (the Runner's sequential mode: encode, decode per resolution,
+    then one UNet call per batch) and the iteration lasts the sum of their times, `seconds`. The noise
+    is one stream per runner consumed call by call, in an order that does not depend on how the
+    policy ordered the plan; `durations` reads ahead in that stream without consuming it."""
+
+    def __init__(self, scheduler: StepScheduler, latency: LatencyModel, factors: Callable[[], float] | None,
+                 settle: Callable[[_SimState], int | None], escalates: Callable[[_SimState, StepScheduler], bool],
+                 learn: bool = True, max_decode_batch: int | None = None):
+        self.scheduler, self.latency, self.learn = scheduler, latency, learn
+        self.settle, self.escalates, self.max_decode_batch = settle, escalates, max_decode_batch
+        self._draw = factors  # None: no noise
+        self._buffer: list[float] = []  # noise factors drawn and not yet consumed, from _head on
+        self._head = 0
+        self._plan: Plan | None = None
+        self.calls: list[tuple] = []  # (kind, key, seconds): the plan's calls without noise, in run order
+        self._canon: list[int] = []  # call indices in the noise stream's order
+        self._fixed: RunnerOutput | None = None  # the output, when it is the same at every repetition
+        self._fixed_seconds = 0.0
+        self._ahead: collections.deque = collections.deque()  # (times, seconds) read ahead for the plan
+        self.seconds = 0.0  # duration of the last executed iteration
+
+    # ---- the plan's calls ----------------------------------------------------------------------
+    def _prepare(self, plan: Plan) -> None:
+        latency, calls = self.latency, []
+        if plan.encode:
+            rows = sum(s.unet_rows for s in plan.encode)
+            calls.append(("encode", rows, latency.encode(rows)))
+        groups: dict[tuple[int, int], list[_SimState]] = {}
+        for state in plan.decode:
+            groups.setdefault((state.params.height, state.params.width), []).append(state)
+        for (h, w), group in groups.items():
+            cap = self.max_decode_batch or len(group)
+            for i in range(0, len(group), cap):
+                pixels = len(group[i:i + cap]) * h * w
+                calls.append(("decode", pixels, latency.decode(pixels)))
+        for batch in plan.denoise:
+            model, h, w = batch[0].bucket
+            rows = sum(s.unet_rows for s in batch)
+            calls.append(("unet", (model, h, w, rows), latency.unet(model, h, w, rows)))
+        if plan.patched:
+            grid, scale = self.scheduler.patch_grid, self.scheduler.latent_scale
+            px = grid.tile * scale
+            for batch in plan.patched:
+                rows = sum(s.unet_rows * grid.count(s.params.height // scale, s.params.width // scale)
+                           for s in batch)
+                calls.append(("unet", (batch[0].model, px, px, rows), latency.unet(batch[0].model, px, px, rows)))
+        self._plan, self.calls = plan, calls
+        self._canon = sorted(range(len(calls)), key=lambda i: calls[i][:2])
+        self._fixed = None
+        self._ahead.clear()
+        if self._draw is None and not (plan.entropy or plan.gate):
+            self._fixed = self._output(plan, [seconds for _, _, seconds in calls])
+            self._fixed_seconds = self._sum([seconds for _, _, seconds in calls])
+
+    def _factors(self, start: int, n: int) -> list[float]:
+        """n noise factors from position `start` after the head of the stream (drawing as needed)."""
+        need = self._head + start + n - len(self._buffer)
+        if need > 0:
+            self._buffer.extend(self._draw() for _ in range(need))
+        return self._buffer[self._head + start:self._head + start + n]
+
+    def _times(self, start: int) -> list[float]:
+        """The calls' times of the iteration `start` iterations ahead, in run order."""
+        times = [seconds for _, _, seconds in self.calls]
+        if self._draw is not None:
+            for i, factor in zip(self._canon, self._factors(start * len(times), len(times))):
+                times[i] *= factor
+        return times
+
+    def _sum(self, times: list[float]) -> float:
+        total = 0.0
+        for i in self._canon:  # the plan's order does not change the sum, not even in its last bit
+            total += times[i]
+        return total
+
+    def durations(self, plan: Plan, k: int) -> list[float]:
+        """The durations of the next k executions of `plan`, without consuming the noise stream."""
+        if plan is not self._plan:
+            self._prepare(plan)
+        if self._draw is None:
+            return [self._sum(self._times(0))] * k
+        for i in range(len(self._ahead), k):
+            times = self._times(i)
+            self._ahead.append((times, self._sum(times)))
+        return [seconds for _, seconds in itertools.islice(self._ahead, k)]
+
+    # ---- one iteration ---------------------------------------------------------------------------
+    def execute(self, plan: Plan) -> RunnerOutput:
+        if plan is not self._plan:
+            self._prepare(plan)
+        if self._fixed is not None:
+            self.seconds = self._fixed_seconds
+            return self._fixed
+        if self._ahead:
+            times, self.seconds = self._ahead.popleft()
+        else:
+            times = self._times(0)
+            self.seconds = self._sum(times)
+        if self._draw is not None:  # consume this iteration's factors
+            self._head += len(times)
+            if self._head > 4096:
+                del self._buffer[:self._head]
+                self._head = 0
+        return self._output(plan, times)
+
+    def _output(self, plan: Plan, times: list[float]) -> RunnerOutput:
+        out = RunnerOutput()
+        for state in plan.encode:
+            out.encoded[state] = state.params.steps
+        for batches in (plan.denoise, plan.patched):
+            for batch in batches:
+                for state in batch:
+                    out.stepped[state] = None
+        for state in plan.entropy:
+            out.stepped[state] = self._entropy(state)
+        for state in plan.decode:
+            out.images[state] = None
+        if plan.gate:
+            threshold = self.scheduler.router.threshold
+            for state in plan.gate:
+                out.scores[state] = threshold - 1.0 if self.escalates(state, self.scheduler) else threshold
+        if self.learn:
+            denoise = 0.0
+            for (kind, key, _), seconds in zip(self.calls, times):
+                if kind == "unet":
+                    out.unet_calls.append((key[:3], key[3], seconds))
+                    denoise += seconds
+                else:
+                    out.stages.append((kind, key, seconds))
+            out.denoise_s = denoise
+        return out
+
+    def _entropy(self, state: _SimState) -> float:
+        """The latent's entropy after this evaluation: rising by more than the stop's threshold until
+        the settle point, flat from there on."""
+        stop = state.stopper
+        step = 2.0 * abs(stop.threshold) + 1.0
+        settle = self.settle(state)
+        evaluation = state.steps_done + 1
+        if settle is None:
+            return evaluation * step
+        return max(min(evaluation, settle - 1 - stop.patience), 0) * step
+
+    def horizon(self, state: _SimState) -> int | None:
+        """Steps done after which an entropy stop may first be decided (the simulated entropy is
+        flat for a whole patience window from there); None if it never settles."""
+        settle = self.settle(state)
+        return None if settle is None else settle - 1
+
+
+class _Gpu:
+    """One simulated GPU: its scheduler and runner, the run of identical iterations in flight, and its
+    counters."""
+
+    __slots__ = ("index", "scheduler", "runner", "plan", "start", "durations", "ends", "done", "version",
                  "busy_s", "unet_calls", "unet_rows", "iterations")
 
-    def __init__(self, index: int, scheduler: StepScheduler):
-        self.index, self.scheduler = index, scheduler
-        self.plan: Plan | None = None
-        self.groups: list[list[_SimState]] = []  # decode calls' requests, one list per resolution
-        self.calls: list[tuple] = []  # (kind, key, seconds) in the Engine's order
-        self.first: list[float] = []  # the calls' times in the run's first iteration (noise included)
+    def __init__(self, index: int, scheduler: StepScheduler, runner: SimulatedRunner):
+        self.index, self.scheduler, self.runner = index, scheduler, runner
+        self.plan: Plan | None = None  # the plan every iteration of the run executes
         self.start = 0.0
+        self.durations: list[float] = []  # of the run's iterations
         self.ends: list[float] | None = None  # end time of each iteration of the run; None: idle
-        self.done = 0  # iterations of the run already applied to the request states
+        self.done = 0  # iterations of the run already applied (scheduler.update_from_output)
         self.version = 0  # invalidates the heap entry of a run that was cut short
         self.busy_s, self.unet_calls, self.unet_rows, self.iterations = 0.0, 0, 0, 0
 
 
 class _Replay:
-    """One replay of a trace. Events at the same instant are simultaneous: runs ending at t release their
-    requests, then everything arriving at t is queued, then idle GPUs with work plan their next iteration."""
+    """One replay of a trace. Every GPU runs the engine's loop: plan = scheduler.schedule(start);
+    output = runner.execute(plan); scheduler.update_from_output(plan, output, start + seconds). Events at
+    the same instant are simultaneous: iterations ending at t are applied (finished requests leave),
+    then everything arriving at t is queued, then idle GPUs with work plan their next iteration.
+
+    Speed: when a plan can only repeat (it only denoises, and neither the policy's order, an entropy
+    stop, a request running out of steps nor the load controller can change the next one), the GPU runs
+    it k times as one event: the runner executes the same plan k times and the scheduler applies each
+    output with update_from_output, at that iteration's end time. The outputs are applied lazily: an
+    arrival on that GPU first applies those that ended by then (admission sees the progress it would
+    see iteration by iteration), and one that can join cuts the run after the iteration in flight."""
 
     def __init__(self, sim: Simulator, requests: list[SimRequest]):
         self.sim, self.requests, self.latency = sim, requests, sim.latency
-        self.jitter = sim.latency.noise_stream()
+        cascade = sim.cascade
+        self.inplace = cascade is not None and cascade.heavy_gpus == 0  # the schedulers serve the cascade
         self.gpus = []
         for i in range(sim.gpus):
-            scheduler = sim.make_scheduler()
-            if not isinstance(scheduler, StepScheduler):
-                raise ValueError(f"make_scheduler: returned {type(scheduler).__name__}; expected a StepScheduler")
+            scheduler = self._make_scheduler()
             if any(g.scheduler is scheduler for g in self.gpus):
                 raise ValueError("make_scheduler: returned the same scheduler twice; each GPU needs its own")
-            self.gpus.append(_Gpu(i, scheduler))
-        cascade = sim.cascade
+            runner = SimulatedRunner(scheduler, self.latency, self.latency.factor_stream(i), self._settle,
+                                     self._escalates, sim.learn, sim.max_decode_batch)
+            self.gpus.append(_Gpu(i, scheduler, runner))
         split = cascade.heavy_gpus if cascade is not None else 0
         every = list(range(len(self.gpus)))
         self.pools = [every[:len(every) - split], every[len(every) - split:] if split else every]
         self.turn = [0, 0]  # round robin position per pool
         self.load = [0] * len(self.gpus)  # requests waiting or running per GPU (a C-level min over 64 is cheap)
-        # Escalations are drawn before the replay, so the same requests escalate whatever the GPUs do.
+        # Each request's gate outcome is drawn before the replay, so the same requests escalate whatever the
+        # GPUs do: a quantile, below the escalation rate escalates.
         rng = random.Random(cascade.seed if cascade else 0)
-        rate = cascade.escalation_rate if cascade else 0.0
-        self.escalate = [(rng.random() < rate) if r.escalate is None else r.escalate for r in requests]
+        self.quantile = [rng.random() if cascade and r.escalate is None else 0.0 for r in requests]
         self.records = [SimRecord(i, r.arrival, r.slo_ms) for i, r in enumerate(requests)]
         self.heap: list[tuple] = []
         self.seq = itertools.count()
         self.to_start: set[int] = set()
-        self.light_answers = self.escalated = 0
+        self.redispatch: list[_SimState] = []  # heavy_gpus > 0: escalated light answers for the heavy GPUs
+        self.light_answers = self.escalations = 0
+
+    def _make_scheduler(self) -> StepScheduler:
+        cascade = self.sim.cascade
+        if not self.inplace:
+            scheduler = self.sim.make_scheduler()
+        else:
+            pair = Cascade(cascade.light_model, cascade.heavy_model)
+            try:
+                scheduler = self.sim.make_scheduler(cascade=pair)
+            except TypeError as exc:
+                raise ValueError(f"make_scheduler: cannot make a cascade scheduler ({exc}); with a cascade it is "
+                                 "called as make_scheduler(cascade=Cascade(light, heavy)), as scheduler_factory's "
+                                 "schedulers are") from None
+            if isinstance(scheduler, StepScheduler) and scheduler.cascade != pair:
+                raise ValueError(f"make_scheduler: returned a scheduler serving cascade {scheduler.cascade}; "
+                                 f"expected {pair}")
+        if not isinstance(scheduler, StepScheduler):
+            raise ValueError(f"make_scheduler: returned {type(scheduler).__name__}; expected a StepScheduler")
+        return scheduler
+
+    # ---- what the simulated runner reports --------------------------------------------------------
+    def _settle(self, state: _SimState) -> int | None:
+        """Evaluations the request's entropy stop should run: its steps_run, or auto_steps(steps)."""
+        if not state.settle_known:
+            run = self.requests[state.index].steps_run
+            if run is None and self.sim.auto_steps is not None:
+                steps = state.params.steps
+                run = self.sim.auto_steps(steps)
+                if not (_is_int(run) and run >= 1):
+                    raise ValueError(f"auto_steps: returned {run!r} for {steps} steps; expected an integer >= 1")
+            state.settle, state.settle_known = run, True
+        return state.settle
+
+    def _escalates(self, state: _SimState, scheduler: StepScheduler) -> bool:
+        """The gate's verdict on a light answer: the request's own `escalate`, else its quantile against
+        the escalation rate of the operating point in force (the controller's, else the CascadeSpec's)."""
+        request = self.requests[state.index]
+        if request.escalate is not None:
+            return request.escalate
+        controller = scheduler.controller
+        rate = self.sim.cascade.escalation_rate
+        if controller is not None and controller.last is not None:
+            rate = controller.last.option.escalation
+        return self.quantile[state.index] < rate
 
     # ---- event loop ----------------------------------------------------------------------------
     def run(self) -> SimResult:
@@ -474,20 +733,20 @@ class _Replay:
         while i < n or self.heap:
             t = min(self.requests[order[i]].arrival if i < n else math.inf,
                     self.heap[0][0] if self.heap else math.inf)
-            # 1. Runs ending now: their requests advance, finish and leave.
-            escalated = []
+            # 1. Runs ending now: their last iterations are applied; finished requests leave.
             while self.heap and self.heap[0][0] <= t:
                 _, _, g, version = heapq.heappop(self.heap)
                 gpu = self.gpus[g]
                 if version == gpu.version:
-                    escalated += self._finish_run(gpu)
+                    self._finish_run(gpu)
                     self.to_start.add(g)
-            # 2. Escalated answers go to the heavy model; arrivals are queued on their GPU.
-            for state in escalated:
+            # 2. Escalated answers go to the heavy GPUs; arrivals are queued on their GPU.
+            redispatch, self.redispatch = self.redispatch, []
+            for state in redispatch:
                 self._dispatch(state, t, pool=1, prefix="escalation_")
             while i < n and self.requests[order[i]].arrival <= t:
                 index = order[i]
-                self._dispatch(self._state(index, self.requests[index].model, self.requests[index].slo_ms), t)
+                self._dispatch(self._state(index), t)
                 i += 1
             # 3. Idle GPUs with work plan their next iteration.
             for g in sorted(self.to_start):
@@ -500,13 +759,14 @@ class _Replay:
             raise RuntimeError(f"requests {unresolved[:5]} neither finished nor were rejected")
         return SimResult(self.records, self._summary())
 
-    def _state(self, index: int, model: str, slo_ms: float | None) -> _SimState:
+    def _state(self, index: int, model: str | None = None, received: float | None = None) -> _SimState:
         r = self.requests[index]
         params = GenerationParams(prompt="", height=r.height, width=r.width, steps=r.steps,
-                                  guidance_scale=r.guidance_scale, slo_ms=slo_ms, priority=r.priority,
+                                  guidance_scale=r.guidance_scale, slo_ms=r.slo_ms, priority=r.priority,
                                   min_steps=r.min_steps, step_mode=r.step_mode)
-        return _SimState(request_id=f"q{index}", params=params, sink=_SINK, input_ids=None, model=model,
-                         index=index, escalate=self.escalate[index])
+        return _SimState(request_id=f"q{index}", params=params, sink=_SINK, input_ids=None,
+                         model=model or r.model, received=received, cascade=self.inplace and model is None,
+                         index=index)
 
     # ---- dispatch --------------------------------------------------------------------------------
     def _dispatch(self, state: _SimState, now: float, pool: int = 0, prefix: str = "") -> None:
@@ -519,20 +779,25 @@ class _Replay:
         record = self.records[state.index]
         record.gpu = gpu.index
         self._catch_up(gpu, now)  # admission must see the progress made so far
-        try:
-            gpu.scheduler.add(state, now)
-        except (QueueFull, Rejected) as exc:
-            state.status = Status.REJECTED
-            record.rejected = prefix + next(name for kind, name in REJECT_REASONS if isinstance(exc, kind))
-            return
-        self.load[gpu.index] += 1
         scheduler = gpu.scheduler
+        try:
+            scheduler.add(state, now)
+            queued = True
+        except ServingError as exc:  # QueueFull ("queue_full"), Rejected ("slo"), closed
+            record.rejected = prefix + exc.reason
+            queued = False
+        if queued:
+            self.load[gpu.index] += 1
         if gpu.ends is None:
-            self.to_start.add(gpu.index)
-        elif len(scheduler.running) < scheduler.max_active and gpu.done + 1 < len(gpu.ends):
-            # A free slot: it joins at the next step boundary, so the run ends with the iteration in flight.
-            del gpu.ends[gpu.done + 1:]
-            self._push(gpu)
+            if queued:
+                self.to_start.add(gpu.index)
+        elif gpu.done + 1 < len(gpu.ends):
+            if queued and len(scheduler.running) < scheduler.max_active:
+                # A free slot: it joins at the next step boundary, so the run ends with the iteration in flight.
+                del gpu.ends[gpu.done + 1:]
+                self._push(gpu)
+            else:
+                self._bound(gpu)  # the arrival (even a rejected one) may have opened the controller's window
 
     def _push(self, gpu: _Gpu) -> None:
         gpu.version += 1
@@ -540,58 +805,37 @@ class _Replay:
 
     # ---- iterations ------------------------------------------------------------------------------
     def _start(self, gpu: _Gpu, now: float) -> None:
-        """Plan one iteration and as many identical ones as follow it; schedule the run's end."""
+        """Plan one iteration and repeat it as long as the next plan can only be the same; schedule the end."""
         plan = gpu.scheduler.schedule(now)
         if plan.empty:
             raise RuntimeError(f"gpu {gpu.index}: the scheduler has work but planned nothing at t={now}")
-        calls, groups = self._calls(gpu.scheduler, plan)
-        repeats = self._repeats(plan)
-        bases = [seconds for _, _, seconds in calls]
-        if self.jitter is None:
-            first = bases
-            durations = itertools.repeat(sum(bases), repeats)
-        else:
-            times = [[self.jitter(b) for b in bases] for _ in range(repeats)]
-            first = times[0]
-            durations = (sum(t) for t in times)
-        for state in plan.encode:
-            state.status = Status.ENCODING
-        gpu.plan, gpu.calls, gpu.groups, gpu.first, gpu.start, gpu.done = plan, calls, groups, first, now, 0
+        durations = gpu.runner.durations(plan, self._repeats(gpu, plan))
+        gpu.plan, gpu.start, gpu.durations, gpu.done = plan, now, durations, 0
         gpu.ends = list(itertools.accumulate(durations, initial=now))[1:]  # sums in order, like a clock
+        if len(gpu.ends) > 1:
+            self._bound(gpu, push=False)
         self._push(gpu)
 
-    def _calls(self, scheduler: StepScheduler, plan: Plan) -> tuple[list[tuple], list[list[_SimState]]]:
-        """The model calls of one iteration in the Engine's sequential order: encode, decode per
-        resolution, then one UNet call per denoise batch."""
-        latency, calls = self.latency, []
-        if plan.encode:
-            rows = sum(s.unet_rows for s in plan.encode)
-            calls.append(("encode", rows, latency.encode(rows)))
-        groups: dict[tuple[int, int], list[_SimState]] = {}
-        for state in plan.decode:
-            groups.setdefault((state.params.height, state.params.width), []).append(state)
-        for (h, w), group in groups.items():
-            calls.append(("decode", len(group) * h * w, latency.decode(len(group) * h * w)))
-        for batch in plan.denoise:
-            model, h, w = batch[0].bucket
-            rows = sum(s.unet_rows for s in batch)
-            calls.append(("unet", (model, h, w, rows), latency.unet(model, h, w, rows)))
-        if plan.patched:
-            grid, scale = scheduler.patch_grid, scheduler.latent_scale
-            px = grid.tile * scale
-            for batch in plan.patched:
-                rows = sum(s.unet_rows * grid.count(s.params.height // scale, s.params.width // scale)
-                           for s in batch)
-                calls.append(("unet", (batch[0].model, px, px, rows), latency.unet(batch[0].model, px, px, rows)))
-        return calls, list(groups.values())
+    def _bound(self, gpu: _Gpu, push: bool = True) -> None:
+        """A load controller decides at the first schedule() at or after its window closes: the run ends
+        with the iteration that ends there, so that schedule() happens."""
+        controller = gpu.scheduler.controller
+        due = None if controller is None else controller.due_at()
+        if due is None:
+            return
+        last = bisect.bisect_left(gpu.ends, True, gpu.done, key=lambda end: end >= due)
+        if last + 1 < len(gpu.ends):
+            del gpu.ends[last + 1:]
+            if push:
+                self._push(gpu)
 
-    @staticmethod
-    def _repeats(plan: Plan) -> int:
-        """How many iterations in a row make exactly these calls: 1 unless the plan only denoises and its
+    def _repeats(self, gpu: _Gpu, plan: Plan) -> int:
+        """How many iterations in a row execute exactly this plan: 1 unless it only denoises and its
         batches cannot change with the policy's order (which may shift with time); then until the first
-        request runs out of steps."""
-        if plan.encode or plan.decode or plan.cancelled:
+        request runs out of steps or its entropy may settle."""
+        if plan.encode or plan.decode or plan.cancelled or plan.restart or plan.gate:
             return 1
+        scheduler = gpu.scheduler
         batches: dict[tuple, list[list]] = {}
         for batch in plan.denoise:
             batches.setdefault(batch[0].bucket, []).append(batch)
@@ -601,85 +845,75 @@ class _Replay:
         models = [batch[0].model for batch in plan.patched]
         if len(models) != len(set(models)):
             return 1
-        return min((s.stop_at or s.steps_target) - s.steps_done
-                   for batches_ in (plan.denoise, plan.patched) for batch in batches_ for s in batch)
+        if scheduler.hybrid == "auto":  # the bucket-or-patch choice follows the predictor, which learns
+            buckets = {s.bucket for s in plan.stepped}
+            if len({b[0] for b in buckets}) != len(buckets):
+                return 1
+        repeats = math.inf
+        measured = set(plan.entropy)
+        for state in plan.stepped:
+            if state.stopper is not None and state not in measured:  # its last step: the target drops
+                return 1
+            repeats = min(repeats, state.steps_target - state.steps_done)
+        for state in plan.entropy:
+            settle = gpu.runner.horizon(state)
+            if settle is not None:
+                repeats = min(repeats, settle - state.steps_done)
+        return max(1, repeats)
 
     def _catch_up(self, gpu: _Gpu, now: float) -> None:
         """Apply the iterations of the run in flight that ended by `now` (never its last: its event does)."""
         if gpu.ends is None:
             return
-        done = min(bisect.bisect_right(gpu.ends, now, gpu.done), len(gpu.ends) - 1)
-        if done > gpu.done:
-            self._advance(gpu.plan, done - gpu.done)
-            gpu.done = done
+        upto = min(bisect.bisect_right(gpu.ends, now, gpu.done), len(gpu.ends) - 1)
+        self._apply(gpu, upto)
 
-    @staticmethod
-    def _advance(plan: Plan, n: int) -> None:
-        """n UNet steps for every denoised request (Engine._advance); an early stop ends the steps there."""
-        for batches in (plan.denoise, plan.patched):
-            for batch in batches:
-                for s in batch:
-                    s.steps_done += n
-                    if s.stop_at is not None and s.steps_done >= s.stop_at:
-                        s.steps_target = s.steps_done
+    def _apply(self, gpu: _Gpu, upto: int) -> None:
+        """The engine's second half for iterations done..upto-1 of the run: the runner's output goes to
+        the scheduler at the iteration's end."""
+        plan, scheduler, runner = gpu.plan, gpu.scheduler, gpu.runner
+        while gpu.done < upto:
+            output = runner.execute(plan)
+            update = scheduler.update_from_output(plan, output, gpu.ends[gpu.done])
+            gpu.done += 1
+            if update.finished or update.failed or update.routed:
+                self._collect(gpu, update)
 
-    def _finish_run(self, gpu: _Gpu) -> list[_SimState]:
-        """The run's last iteration ends: apply it as the Engine would; returns answers to escalate."""
-        plan, scheduler, iterations = gpu.plan, gpu.scheduler, len(gpu.ends)
-        # 1. Encode: the step target is set when the sampler is built (Engine._encode).
-        for state in plan.encode:
-            state.sampler, state.steps_target = _ENCODED, state.params.steps
-            state.stop_at = self._stop_at(state)
-            state.status = Status.DENOISING
-        # 2. Denoise: the steps not yet applied.
-        self._advance(plan, iterations - gpu.done)
-        # 3. Decode: each resolution finishes when its VAE call does, right after this iteration's encode.
-        escalated = []
-        t = gpu.start + (gpu.first[0] if plan.encode else 0.0)
-        for group, seconds in zip(gpu.groups, gpu.first[1 if plan.encode else 0:]):
-            t += seconds
-            for state in group:
-                state.status = Status.FINISHED
-                scheduler.release(state)
-                self.load[gpu.index] -= 1
-                escalated += self._answer(state, t)
-        # 4. Account, and let the scheduler's predictor learn from the calls (Engine._unet / _encode / _decode).
-        unet = [(key, seconds) for (kind, key, _), seconds in zip(gpu.calls, gpu.first) if kind == "unet"]
-        gpu.busy_s += gpu.ends[-1] - gpu.start
+    def _finish_run(self, gpu: _Gpu) -> None:
+        self._apply(gpu, len(gpu.ends))
+        calls = gpu.runner.calls
+        unet = [key for kind, key, _ in calls if kind == "unet"]
+        iterations = len(gpu.ends)
+        for seconds in gpu.durations[:iterations]:  # one by one, as iteration by iteration would
+            gpu.busy_s += seconds
         gpu.iterations += iterations
         gpu.unet_calls += iterations * len(unet)
-        gpu.unet_rows += iterations * sum(key[3] for key, _ in unet)
-        if self.sim.learn:
-            predictor = scheduler.predictor
-            for (kind, key, _), seconds in zip(gpu.calls, gpu.first):
-                if kind == "unet":
-                    predictor.observe_unet(*key, seconds)
-                else:
-                    predictor.observe_stage(kind, key, seconds)
-        gpu.plan, gpu.ends, gpu.groups = None, None, []
-        return escalated
+        gpu.unet_rows += iterations * sum(key[3] for key in unet)
+        gpu.plan, gpu.ends = None, None
 
-    def _stop_at(self, state: _SimState) -> int | None:
-        request, target = self.requests[state.index], state.steps_target
-        run = request.steps_run
-        if run is None and self.sim.auto_steps is not None and state.params.step_mode == "auto":
-            run = self.sim.auto_steps(target)
-            if not (_is_int(run) and run >= 1):
-                raise ValueError(f"auto_steps: returned {run!r} for {target} steps; expected an integer >= 1")
-        return None if run is None or run >= target else run
-
-    def _answer(self, state: _SimState, t: float) -> list[_SimState]:
-        record, cascade = self.records[state.index], self.sim.cascade
-        if cascade is not None and state.model == cascade.light_model:
+    def _collect(self, gpu: _Gpu, update) -> None:
+        """What the scheduler's update says happened: answers, failures, the gate's routing."""
+        for state in update.routed:
             self.light_answers += 1
-            if state.escalate:
-                self.escalated += 1
+            self.escalations += state.escalated
+        cascade = self.sim.cascade
+        for state in update.finished + update.failed:
+            self.load[gpu.index] -= 1
+            record = self.records[state.index]
+            if state.status is not Status.FINISHED:  # the simulated runner never fails a request
+                raise RuntimeError(f"request {state.index} failed in the simulation: {state.error}")
+            if state.escalated:
                 record.escalated = True
-                slo = record.slo_ms
-                remaining = None if slo is None else slo - (t - record.arrival) * 1000.0
-                return [self._state(state.index, cascade.heavy_model, remaining)]
-        record.finish, record.model, record.steps = t, state.model, state.steps_done
-        return []
+            if (cascade is not None and not self.inplace and state.model == cascade.light_model):
+                # DiffServe's split: the gate runs where the light model does; an escalated answer goes to
+                # the heavy GPUs as a new request that keeps its first arrival and deadline.
+                self.light_answers += 1
+                if self._escalates(state, gpu.scheduler):
+                    self.escalations += 1
+                    record.escalated = True
+                    self.redispatch.append(self._state(state.index, cascade.heavy_model, record.arrival))
+                    continue
+            record.finish, record.model, record.steps = state.times["finished"], state.model, state.steps_done
 
     # ---- summary ---------------------------------------------------------------------------------
     def _summary(self) -> dict:
@@ -710,7 +944,7 @@ class _Replay:
             "mean_ms": 1000 * sum(latencies) / len(latencies) if latencies else None,
             "span_s": span,
             "answers_by_model": dict(sorted(models.items())),
-            "escalation_rate": (self.escalated / self.light_answers if self.light_answers else 0.0)
+            "escalation_rate": (self.escalations / self.light_answers if self.light_answers else 0.0)
             if self.sim.cascade else None,
             "mean_batch_rows": sum(g.unet_rows for g in self.gpus) / calls if calls else 0.0,
             "gpu_utilization": utilization,
@@ -796,7 +1030,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--escalation-rate", type=float, default=0.0)
     ap.add_argument("--heavy-gpus", type=int, default=0, help="GPUs reserved for the heavy model (0: shared)")
     ap.add_argument("--auto-steps", type=float,
-                    help="step_mode auto; the entropy stop runs this fraction of the steps (0..1]")
+                    help="step_mode auto; the latent settles after this fraction of the steps (0..1] and the "
+                         "scheduler's entropy stop ends the request there or where its thresholds first allow")
+    ap.add_argument("--entropy-threshold", type=float, help="EntropyStop threshold (the server's entropy_threshold)")
+    ap.add_argument("--entropy-patience", type=int, help="EntropyStop patience (the server's entropy_patience)")
+    ap.add_argument("--entropy-min-fraction", type=float,
+                    help="EntropyStop min_fraction (the server's entropy_min_fraction)")
     ap.add_argument("--validate", help="measured JSON {\"rates\": {rate: {attainment, throughput_rps}}} of a "
                                        "one-GPU run; compared with the simulated one-GPU results")
     ap.add_argument("--out", help="write the report JSON here")
@@ -833,7 +1072,16 @@ def run_cli(args: argparse.Namespace) -> dict:
     mix = RequestMix(sizes=sizes, steps=args.steps, slo_ms=args.slo_ms, guidance_scale=args.guidance_scale,
                      model=cascade.light_model if cascade else args.model,
                      step_mode="auto" if auto_steps else "fixed")
-    make = scheduler_factory(latency.profile, args.policy, args.max_active, args.max_queue, args.max_batch)
+    for name, value, ok, allowed in (("threshold", args.entropy_threshold, lambda v: v >= 0, ">= 0"),
+                                     ("patience", args.entropy_patience, lambda v: v >= 0, ">= 0"),
+                                     ("min-fraction", args.entropy_min_fraction, lambda v: 0 <= v <= 1, "0..1")):
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise ValueError(f"--entropy-{name}: {value} is not allowed; allowed {allowed}")
+    entropy = {name: value for name, value in (("threshold", args.entropy_threshold),
+                                               ("patience", args.entropy_patience),
+                                               ("min_fraction", args.entropy_min_fraction)) if value is not None}
+    make = scheduler_factory(latency.profile, args.policy, args.max_active, args.max_queue, args.max_batch,
+                             entropy=entropy)
     # 3. Replays: one per GPU count and rate.
     results = {}
     for gpus in gpu_counts:
@@ -862,7 +1110,7 @@ def run_cli(args: argparse.Namespace) -> dict:
                          "slo_ms": args.slo_ms, "policy": args.policy, "max_active": args.max_active,
                          "max_queue": args.max_queue, "max_batch": args.max_batch, "dispatch": args.dispatch,
                          "noise": args.noise, "seed": args.seed, "cascade": asdict(cascade) if cascade else None,
-                         "auto_steps": args.auto_steps},
+                         "auto_steps": args.auto_steps, "entropy": entropy},
               "results": results}
     # 4. Validation: the one-GPU results against the measured run.
     if measured is not None:

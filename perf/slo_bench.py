@@ -42,8 +42,8 @@ from perf.workloads import (WorkloadError, gamma_arrivals, load_mix, load_prompt
                             poisson_arrivals, read_request_intervals, sample_requests, write_request_intervals)
 from triffusion import contract
 
-SYSTEMS = (contract.ORCHESTRATOR, contract.BASELINE_BATCHING, contract.BASELINE_SEQUENTIAL)
-CANDIDATE = contract.ORCHESTRATOR
+SYSTEMS = (contract.TEXT_TO_IMAGE_STREAM, contract.BASELINE_BATCHING, contract.BASELINE_SEQUENTIAL)
+CANDIDATE = contract.TEXT_TO_IMAGE_STREAM
 
 
 class BatchSampler:

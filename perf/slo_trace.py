@@ -36,11 +36,12 @@ from triffusion import contract
 from triffusion.export.onnx_export import TextEncoderComponent, UNetComponent, VaeDecoderComponent
 from triffusion.export.presets import build_preset
 from triffusion.export.tokenizer import write_tokenizer
-from triffusion.orchestrator.engine import Engine, PipelineSpec
+from triffusion.orchestrator.engine import make_engine
 from triffusion.orchestrator.executor import RuntimeExecutor
 from triffusion.orchestrator.params import GenerationParams
 from triffusion.orchestrator.policies import create_policy
 from triffusion.orchestrator.request import RequestState
+from triffusion.orchestrator.runner import PipelineSpec
 from triffusion.orchestrator.sampling import Sampler, to_uint8_image
 from triffusion.orchestrator.scheduler import QueueFull, Rejected, StepScheduler
 from triffusion.orchestrator.text import PromptTokenizer
@@ -206,15 +207,15 @@ class _Sink:
 
     def progress(self, step, steps): ...
     def finish(self, image, metadata): finish(self.outcome, self.arrival, self.start)
-    def fail(self, status, message): finish(self.outcome, self.arrival, self.start, ok=False)
-    def is_cancelled(self): return False
+    def preview(self, image): ...
+    def fail(self, error): finish(self.outcome, self.arrival, self.start, ok=False)
 
 
 def step_batching(setup: Setup, arrivals, steps, slo_ms, max_batch, profile=None):
     scheduler = StepScheduler(max_active=max_batch, max_queue=256, max_batch=max_batch, policy=create_policy("edf"))
     if profile:
         scheduler.predictor.seed(profile)
-    engine = Engine(setup.executor, setup.spec, scheduler)
+    engine = make_engine(setup.executor, setup.spec, scheduler)
     engine.start()
 
     def submit(arrival, outcome, start):

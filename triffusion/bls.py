@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -84,33 +85,54 @@ def infer(model: str, inputs: dict, outputs: list[str]) -> dict:
 
 
 class Deadlines:
-    """Blocking BLS calls run on worker threads so that each has a deadline. A call past it fails with
-    UNAVAILABLE and the callee's stub is killed: Triton 2.51 cannot cancel a BLS call, and a stub that
-    hangs would otherwise hold every later request; the supervisor reloads the model it belonged to."""
+    """Blocking BLS calls run on worker threads so that each has a deadline, and so that the caller can
+    watch the callee meanwhile:
+    - a callee whose stub is gone fails the call at once (Triton 2.51 would answer after about a second,
+      and never restarts the stub; the supervisor reloads it);
+    - a call past its deadline fails with UNAVAILABLE and the callee's stub is killed: Triton 2.51 cannot
+      cancel a BLS call, and a stub that hangs would otherwise hold every later request."""
 
-    def __init__(self, timeout_s: float, workers: int = 8, kill=None):
+    POLL_S = 0.05
+
+    def __init__(self, timeout_s: float, workers: int = 8, server_pid: int | None = None):
         self.timeout_s = timeout_s
+        self.server_pid = os.getppid() if server_pid is None else server_pid
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="triffusion-bls")
-        self._kill = kill or kill_stubs
+        self._pids: dict[str, list[int]] = {}  # component -> stub pids, looked up when needed
+
+    def _stub_gone(self, component: str) -> bool:
+        pids = self._pids.get(component)
+        if not pids or not all(procs.alive(pid) for pid in pids):
+            pids = list(procs.stubs_of(self.server_pid, component).values())
+            self._pids[component] = pids
+        return not pids
 
     def call(self, component: str, fn, *args):
+        if self._stub_gone(component):
+            raise ComponentUnavailable(component, "is restarting; retry shortly")
         future = self._pool.submit(fn, *args)
-        try:
-            return future.result(timeout=self.timeout_s)
-        except FutureTimeout:
-            log.error("%s did not answer within %.1f s; killing its stub so that it is reloaded",
-                      component, self.timeout_s)
-            self._kill(component)
-            raise ComponentUnavailable(component, f"did not answer within {self.timeout_s:.0f} s; "
-                                                  "it is being restarted, retry shortly") from None
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return future.result(timeout=min(self.POLL_S, max(deadline - time.monotonic(), 0.0)))
+            except FutureTimeout:
+                pass
+            if self._stub_gone(component):
+                raise ComponentUnavailable(component, "stopped during the call; it is being restarted, retry shortly")
+            if time.monotonic() >= deadline:
+                log.error("%s did not answer within %.1f s; killing its stub so that it is reloaded",
+                          component, self.timeout_s)
+                kill_stubs(component, self.server_pid)
+                raise ComponentUnavailable(component, f"did not answer within {self.timeout_s:.0f} s; "
+                                                      "it is being restarted, retry shortly")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def kill_stubs(model: str) -> None:
+def kill_stubs(model: str, server_pid: int | None = None) -> None:
     """SIGKILL the stubs of `model` (siblings of this stub under the same tritonserver)."""
-    for instance, pid in procs.stubs_of(os.getppid(), model).items():
+    for instance, pid in procs.stubs_of(os.getppid() if server_pid is None else server_pid, model).items():
         log.error("killing the stub of %s (pid %d)", instance, pid)
         try:
             os.kill(pid, signal.SIGKILL)

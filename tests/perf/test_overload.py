@@ -141,7 +141,7 @@ def test_burst_far_beyond_capacity_rejects_some_serves_some_and_accounts_for_all
     assert (after.records[0].outcome, after.records[0].steps_done) == ("ok", 3)
 
 
-@pytest.mark.parametrize("model", [contract.ORCHESTRATOR, contract.TEXT_TO_IMAGE])
+@pytest.mark.parametrize("model", [contract.TEXT_TO_IMAGE_STREAM, contract.TEXT_TO_IMAGE])
 def test_impossible_slo_is_rejected_at_admission_while_best_effort_succeeds(server, model):
     requests = [{"prompt": "impossible", "steps": 3, "slo_ms": 1}, {"prompt": "best effort", "steps": 3, "seed": 2},
                 {"prompt": "bad", "height": 65}]

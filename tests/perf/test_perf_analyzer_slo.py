@@ -43,7 +43,7 @@ def test_input_data_names_every_orchestrator_input():
 
 def test_unreachable_server_and_unknown_model_are_one_line(server):
     with pytest.raises(HarnessError, match="cannot reach the server at localhost:1"):
-        check_server("localhost:1", contract.ORCHESTRATOR)
+        check_server("localhost:1", contract.TEXT_TO_IMAGE_STREAM)
     with pytest.raises(HarnessError, match="model 'nope' is not ready"):
         check_server(server.grpc, "nope")
 

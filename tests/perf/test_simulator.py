@@ -1,8 +1,10 @@
 """The scale-planning simulator on constructed profiles: exact queueing arithmetic, batching, capacity,
 cascades, determinism, validation arithmetic and the CLI's one-line errors. No server, no GPU."""
 
+import dataclasses
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 from perf import simulator
 from perf.simulator import (CascadeSpec, LatencyModel, RequestMix, SimRequest, Simulator, arrivals_from_intervals,
                             poisson_arrivals, read_intervals, scheduler_factory, simulate, validate)
+from triffusion.orchestrator.cascade import LoadController, Option
 from triffusion.orchestrator.policies import create_policy
 from triffusion.orchestrator.scheduler import StepScheduler
 
@@ -75,39 +78,71 @@ def test_requests_of_two_resolutions_batch_per_bucket_and_decode_per_resolution(
     make = lambda: StepScheduler(max_active=8, policy=create_policy("fcfs"))
     result = simulate([request(0.0, steps=2), request(0.0, steps=2, height=128, width=128)], 1, make,
                       LatencyModel(profile))
-    # Decode runs right after the iteration's encode, one VAE call per resolution, in plan order.
+    # The last iteration makes one VAE call per resolution (DECODE + 2 * DECODE; one call over both would
+    # take decode(64² + 128²) = 2.5 * DECODE). Both answers leave when that iteration ends: the scheduler
+    # finishes them in update_from_output, after the runner's whole iteration, as the server's Engine does
+    # (the old simulator answered each resolution as soon as its own VAE call ended: 1.0625 s for the first).
     denoise = 2 * (STEP + 2 * STEP)  # two steps, each one call per bucket
-    assert [r.finish for r in result.records] == [ENCODE + denoise + DECODE, ENCODE + denoise + DECODE + 2 * DECODE]
+    assert [r.finish for r in result.records] == [ENCODE + denoise + 3 * DECODE] * 2
     assert result.summary["mean_batch_rows"] == 1.0  # two buckets, two calls per step
 
 
 def test_runs_of_identical_iterations_replay_exactly_as_iteration_by_iteration(monkeypatch):
-    """The speed-up (one event per run of denoise-only iterations, caught up on arrival) changes nothing."""
+    """The speed-up (one event per run of denoise-only iterations whose outputs the scheduler applies on
+    arrival or at the run's end) changes nothing: not with noise, entropy stops, cascades or patches."""
     # Concave in rows, so a bucket split differently across calls would take a different time.
-    profile = {"unet": [["unet", s, s, r, (s / 64) ** 2 * (0.01 + 0.005 * r ** 0.7)]
-                        for s in (64, 128) for r in range(1, 17)],
+    profile = {"unet": [[m, s, s, r, f * (s / 64) ** 2 * (0.01 + 0.005 * r ** 0.7)]
+                        for m, f in (("unet", 1.0), ("light", 0.6)) for s in (64, 128) for r in range(1, 17)],
                "stages": [["encode", 2, 0.005], ["decode", 64 * 64, 0.01]]}
     rng = random.Random(4)
     trace = [SimRequest(t, size, size, steps=rng.randint(3, 25), slo_ms=rng.choice([None, 1500, 4000]),
                         priority=rng.randint(0, 3), guidance_scale=rng.choice([1.0, 7.5]),
                         step_mode=rng.choice(["fixed", "auto"]))
              for t in poisson_arrivals(20, 30, seed=5) for size in [rng.choice([64, 128])]]
+    light = [dataclasses.replace(r, model="light") for r in trace]
     # SRPT reorders a bucket mid-run: remaining work 12, 14, 16 (rows 1, 2, 1) becomes 9, 8, 13 after three
     # steps, and max_batch 2 then packs the three into two calls instead of three.
     flip = [SimRequest(0.0, 64, 64, steps=12, guidance_scale=1.0), SimRequest(0.0, 64, 64, steps=7),
             SimRequest(0.0, 64, 64, steps=16, guidance_scale=1.0)]
-    cases = [(policy, trace, 6, 3) for policy in ("fcfs", "srpt", "priority")] + [("srpt", flip, 2, 1)]
-    for policy, requests, max_batch, gpus in cases:
-        make = scheduler_factory(profile, policy, max_active=8, max_queue=32, max_batch=max_batch)
-        replay = lambda: simulate(requests, gpus, make, LatencyModel(profile), auto_steps=lambda n: max(1, n // 2))
+    cascade = CascadeSpec("light", "unet", escalation_rate=0.3, seed=2)
+    cases = [(policy, trace, 6, 3, {}) for policy in ("fcfs", "srpt", "priority")] + [("srpt", flip, 2, 1, {})]
+    cases += [("srpt", trace, 6, 3, {"noise": 0.2}), ("edf", light, 6, 3, {"noise": 0.1, "cascade": cascade}),
+              ("fcfs", light, 6, 3, {"cascade": dataclasses.replace(cascade, heavy_gpus=1)}),
+              ("priority", trace, 6, 2, {"noise": 0.1, "hybrid": "patch"})]
+    # A load controller re-decides every 2 s at a schedule() (escalation then follows its operating point).
+    points = [Option(0.3, 20, 0.1, 0.9, 0.1, 0.3), Option(0.5, 10, 0.3, 0.8, 0.05, 0.15)]
+    controller = lambda: LoadController(points, interval_s=2.0)
+    cases.append(("edf", light, 6, 3, {"cascade": cascade, "controller": controller}))
+    for policy, requests, max_batch, gpus, extra in cases:
+        options = {k: v for k, v in extra.items() if k in ("cascade",)}
+        make = scheduler_factory(profile, policy, max_active=8, max_queue=32, max_batch=max_batch,
+                                 **{k: v for k, v in extra.items() if k in ("hybrid", "controller")})
+        replay = lambda: simulate(requests, gpus, make, LatencyModel(profile, noise=extra.get("noise", 0.0), seed=7),
+                                  auto_steps=lambda n: max(1, n // 2), **options)
         fast = replay()
         with monkeypatch.context() as patch:
-            patch.setattr(simulator._Replay, "_repeats", staticmethod(lambda plan: 1))
+            patch.setattr(simulator._Replay, "_repeats", lambda self, gpu, plan: 1)
             slow = replay()
         assert fast.records == slow.records
         assert fast.summary == slow.summary
-        if requests is trace:
+        if requests is not flip:
             assert 0.3 < fast.summary["attainment"] < 0.99 and fast.summary["rejected"]  # a loaded case
+        if "cascade" in extra:
+            assert 0.2 < fast.summary["escalation_rate"] < 0.4
+        if "controller" in extra:
+            assert fast.summary["escalation_rate"] != simulate(requests, gpus, scheduler_factory(
+                profile, policy, max_active=8, max_queue=32, max_batch=max_batch), LatencyModel(profile),
+                auto_steps=lambda n: max(1, n // 2), cascade=cascade).summary["escalation_rate"]
+
+
+def test_the_simulator_keeps_no_copy_of_engine_semantics():
+    """Issue 11: request state changes only in the scheduler (update_from_output); perf/ only reads it."""
+    for path in sorted((REPO / "perf").glob("*.py")):
+        source = path.read_text()
+        state = r"\.(steps_done|steps_target|status|last_step_pending|early_stop|escalated|stopper)\s*[-+]?=(?!=)"
+        for pattern in (state, r"\.release\(", r"\.enter\(", r"\.route\(", r"\._escalate\("):
+            hits = [line for line in source.splitlines() if re.search(pattern, line) and "record." not in line]
+            assert not hits, f"{path.name}: {hits}"
 
 
 def poisson_trace(rate, duration, seed=1, slo_ms=2000, steps=20):
@@ -131,7 +166,8 @@ def test_attainment_drops_past_capacity():
     heavy = simulate(poisson_trace(rate=12.0, duration=120), 1, make, LatencyModel(profile)).summary
     assert light["attainment"] >= 0.99 and not light["rejected"]
     assert heavy["attainment"] < 0.9
-    assert heavy["rejected"] and set(heavy["rejected"]) <= {"queue_full", "rejected"}
+    # Rejections are counted by the ServingError's own reason tag ("slo" was "rejected" before the errors had one).
+    assert heavy["rejected"] and set(heavy["rejected"]) <= {"queue_full", "slo"}
     assert heavy["mean_batch_rows"] > light["mean_batch_rows"]  # a busy GPU batches more
     assert heavy["mean_gpu_utilization"] > 0.95 > light["mean_gpu_utilization"]
     assert sum(heavy["rejected"].values()) + heavy["finished"] == heavy["requests"]
@@ -164,21 +200,35 @@ def test_a_requests_own_escalate_flag_overrides_the_rate():
     result = Simulator(1, make, LatencyModel(profile), cascade=CascadeSpec("light", "heavy", 0.0)).run(trace)
     assert [r.model for r in result.records] == ["heavy", "light"] * 3
     assert result.summary["escalation_rate"] == 0.5
-    # The heavy run keeps the first deadline: ~95 ms on each model leaves too little of a 150 ms SLO.
+    # The heavy run keeps the first deadline: 95 ms on the light model (5 + 4 x 20 + 10 ms) and 90 ms more on
+    # the heavy one miss a 150 ms SLO. The scheduler escalates in place (same GPU, same slot, no second
+    # admission), as the server does, so the escalated requests finish late instead of being rejected at a
+    # re-queue as the old simulator did (["escalation_rejected", None] * 2).
     tight = [SimRequest(i * 5.0, 64, 64, steps=4, model="light", slo_ms=150, escalate=(i % 2 == 0)) for i in range(4)]
     result = Simulator(1, make, LatencyModel(profile), cascade=CascadeSpec("light", "heavy", 0.0)).run(tight)
-    assert [r.rejected for r in result.records] == ["escalation_rejected", None] * 2
-    assert result.summary["attainment"] == 0.5 and result.summary["rejected"] == {"escalation_rejected": 2}
+    assert [r.rejected for r in result.records] == [None] * 4
+    assert [r.model for r in result.records] == ["heavy", "light"] * 2
+    assert [r.latency for r in result.records] == pytest.approx([0.185, 0.095] * 2)
+    assert result.summary["attainment"] == 0.5 and result.summary["rejected"] == {}
 
 
 def test_early_stop_runs_fewer_steps():
     latency = LatencyModel(flat_profile())
     make = lambda: StepScheduler(max_active=1, policy=create_policy("fcfs"))
-    explicit = simulate([request(0.0, steps=10, steps_run=4)], 1, make, latency).records[0]
+    # The scheduler's own EntropyStop decides: the simulated entropy is flat from steps_run on, the stop
+    # needs min_fraction of the steps done, then one last evaluation. Only step_mode "auto" has a stop (a
+    # fixed request with steps_run is refused); min_fraction 0.3 lets 10 steps stop after 3 + 1 = 4.
+    loose = lambda: StepScheduler(max_active=1, policy=create_policy("fcfs"), entropy={"unet": {"min_fraction": 0.3}})
+    explicit = simulate([request(0.0, steps=10, steps_run=4, step_mode="auto")], 1, loose, latency).records[0]
     assert (explicit.steps, explicit.finish) == (4, ENCODE + 4 * STEP + DECODE)
     auto = Simulator(1, make, latency, auto_steps=lambda steps: steps // 2)
     result = auto.run([request(0.0, steps=10, step_mode="auto"), request(0.0, steps=10)])
     assert [r.steps for r in result.records] == [5, 10]  # only step_mode "auto" stops early
+    # Settled sooner than the default thresholds allow (min_fraction 0.4): the stop comes after 4 steps + 1.
+    early = simulate([request(0.0, steps=10, steps_run=2, step_mode="auto")], 1, make, latency).records[0]
+    assert (early.steps, early.finish) == (5, ENCODE + 5 * STEP + DECODE)
+    with pytest.raises(ValueError, match="steps_run: 4 needs step_mode 'auto'"):
+        request(0.0, steps=10, steps_run=4)
 
 
 def test_same_seed_same_replay_and_noise_changes_it():

@@ -12,7 +12,7 @@ from perf.slo_bench import parse_trace, run
 
 
 def test_three_systems_side_by_side_on_a_rate_and_a_trace(server, tmp_path, perf_analyzer):
-    results = run(server.grpc, server.metrics, systems=["orchestrator", "baseline_batching", "baseline_sequential"],
+    results = run(server.grpc, server.metrics, systems=["text_to_image_stream", "baseline_batching", "baseline_sequential"],
                   mix="tiny-smoke", rates=[2.0], traces=["gamma:2:3:6"], slo_ms=60_000, requests=4,
                   workdir=tmp_path, log=lambda *_: None)
     for system, row in results.items():
@@ -20,10 +20,10 @@ def test_three_systems_side_by_side_on_a_rate_and_a_trace(server, tmp_path, perf
             assert len(run_["latencies_ms"]) >= 4 and all(0 < x < 60_000 for x in run_["latencies_ms"]), system
             assert run_["attainment"] == 1.0 and run_["p99_ms"] >= run_["p50_ms"] > 0
     # The orchestrator's UNet rows per call come from /metrics: at least one sample, at least 1 row.
-    samples = results["orchestrator"]["rates"]["2.0"]["batch_rows"] + results["orchestrator"]["traces"]["gamma:2:3:6"]["batch_rows"]
+    samples = results["text_to_image_stream"]["rates"]["2.0"]["batch_rows"] + results["text_to_image_stream"]["traces"]["gamma:2:3:6"]["batch_rows"]
     assert samples and all(rows >= 1 for _, rows in samples)
     # Per-stage server times: the orchestrator's histograms, Triton's statistics for the baselines.
-    stages = results["orchestrator"]["rates"]["2.0"]["server_stage_ms"]
+    stages = results["text_to_image_stream"]["rates"]["2.0"]["server_stage_ms"]
     assert set(stages) == {"queue", "encode", "unet", "decode", "total"} and stages["total"] >= stages["decode"] > 0
     for baseline in ("baseline_batching", "baseline_sequential"):
         stages = results[baseline]["rates"]["2.0"]["server_stage_ms"]

@@ -62,7 +62,7 @@ class TritonPythonModel:
         self.unets = unets_of(pipeline)
         self.vocab_size = int(pipeline.get("vocab_size", 49408))
         kinds = pb_utils.MetricFamily
-        observer = MetricsObserver(kinds, kinds.COUNTER, kinds.GAUGE, kinds.HISTOGRAM)
+        self.observer = observer = MetricsObserver(kinds, kinds.COUNTER, kinds.GAUGE, kinds.HISTOGRAM)
         self.deadlines = Deadlines(self.config.component_timeout_s)
         executor = self._executor(Path(args["model_repository"]).parent, pipeline)
         self.engine, self.limits = build_engine(self.config, pipeline, executor, profile=profile, observer=observer)
@@ -121,12 +121,15 @@ class TritonPythonModel:
             return {"found": self.engine.cancel(str(message.get("id")))}
         if op == "health":
             return self.engine.health()
+        if op == "events":  # the supervisor's counts of reloads and restarts, for /metrics
+            self.observer.supervisor(message.get("events", []))
+            return {}
         if op == "drain":
             if ADMIN_KEY is None:
                 raise InvalidRequest("control", "drain needs an admin key (set by `triffusion serve`)")
             self.engine.drain()
             return self.engine.health()
-        raise InvalidRequest("control", f"op '{op}' is unknown; allowed: cancel, health, drain")
+        raise InvalidRequest("control", f"op '{op}' is unknown; allowed: cancel, health, drain, events")
 
     def finalize(self):
         self.engine.stop(grace_s=DRAIN_GRACE_S)

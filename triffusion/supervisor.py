@@ -1,0 +1,233 @@
+"""Self-healing around the bundled tritonserver, which never restarts a python stub that died and keeps
+its model READY (Triton 2.51; python_backend marks such a model not ready from r25.12/r26.01, #423).
+
+The supervisor watches from outside the server:
+- every stub the server started (from the process table): one that is gone makes its model reload
+  (unload, so readiness is false meanwhile, then load) through Triton's model control API, on
+  localhost, with the admin key;
+- the orchestrator's engine (its `health` control): a loop that gave up makes the orchestrator reload;
+- the tritonserver process: if it exits unexpectedly it is restarted, with bounded retries and backoff.
+Every action is logged and counted; the counts reach /metrics through the orchestrator.
+
+The policy (what to do, when to give up) is plain Python; `Supervisor` applies it to a TritonServer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+
+from triffusion import contract, procs
+
+log = logging.getLogger("triffusion.supervisor")
+
+ADMIN_HEADER = "triffusion-admin-key"  # the restricted-API header (gRPC: triton-grpc-protocol-<this>)
+
+
+@dataclass
+class RestartPolicy:
+    """Restart a server that died, at most `limit` times within `window_s`, waiting longer each time."""
+
+    limit: int = 5
+    window_s: float = 600.0
+    first_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    restarts: list[float] = field(default_factory=list)
+
+    def next_delay(self, now: float) -> float | None:
+        """Seconds to wait before the next restart, or None to give up."""
+        self.restarts = [t for t in self.restarts if now - t < self.window_s]
+        if len(self.restarts) >= self.limit:
+            return None
+        delay = min(self.first_backoff_s * 2 ** len(self.restarts), self.max_backoff_s)
+        self.restarts.append(now)
+        return delay
+
+
+def missing_stubs(expected: dict[str, set[str]], running: dict[str, int]) -> list[str]:
+    """Models with an instance that was running when the model was loaded and is not running now."""
+    return sorted(model for model, instances in expected.items() if not instances <= set(running))
+
+
+def group_by_model(running: dict[str, int]) -> dict[str, set[str]]:
+    models: dict[str, set[str]] = {}
+    for instance in running:
+        models.setdefault(procs.model_of(instance), set()).add(instance)
+    return models
+
+
+class AdminClient:
+    """Model control (restricted API) over localhost HTTP, and the orchestrator's control messages over
+    gRPC streaming (it is decoupled)."""
+
+    def __init__(self, http_url: str, grpc_url: str, key: str):
+        self.http_url, self.grpc_url, self.key = http_url, grpc_url, key
+
+    def _post(self, path: str, timeout_s: float) -> None:
+        request = urllib.request.Request(f"http://{self.http_url}{path}", data=b"{}", method="POST",
+                                         headers={ADMIN_HEADER: self.key, "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            response.read()
+
+    def unload(self, model: str, timeout_s: float = 60.0) -> None:
+        self._post(f"/v2/repository/models/{model}/unload", timeout_s)
+
+    def load(self, model: str, timeout_s: float = 300.0) -> None:
+        self._post(f"/v2/repository/models/{model}/load", timeout_s)
+
+    def ready(self, model: str | None = None) -> bool:
+        path = f"/v2/models/{model}/ready" if model else "/v2/health/ready"
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def control(self, message: dict, timeout_s: float = 5.0) -> dict:
+        """One control message to the orchestrator; its reply (the `status` JSON)."""
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+
+        replies: queue.Queue = queue.Queue()
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        try:
+            client.start_stream(callback=lambda result, error: replies.put((result, error)))
+            tensor = grpcclient.InferInput("control", [1], "BYTES")
+            tensor.set_data_from_numpy(np.array([json.dumps({**message, "key": self.key}).encode()], dtype=object))
+            client.async_stream_infer(contract.ORCHESTRATOR, [tensor], outputs=[grpcclient.InferRequestedOutput("status")])
+            result, error = replies.get(timeout=timeout_s)
+            if error is not None:
+                raise RuntimeError(str(error))
+            return json.loads(result.as_numpy("status")[0])
+        finally:
+            try:
+                client.stop_stream(cancel_requests=True)
+            finally:
+                client.close()
+
+
+class Supervisor:
+    """Watches one TritonServer (triffusion.server) from a thread; `counts` says what it did."""
+
+    def __init__(self, server, admin: AdminClient, *, interval_s: float = 0.2, health_every_s: float = 2.0,
+                 policy: RestartPolicy | None = None):
+        self.server, self.admin = server, admin
+        self.interval_s, self.health_every_s = interval_s, health_every_s
+        self.policy = policy or RestartPolicy()
+        self.counts: Counter = Counter()  # ("reload", model) / ("restart", "tritonserver") -> times
+        self.expected: dict[str, set[str]] = {}
+        self.gave_up: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_health = 0.0
+        self.lock = threading.Lock()  # held while healing: stop() waits for it
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        self.expected = group_by_model(procs.stubs(self.server.process.pid))
+        self._thread = threading.Thread(target=self._run, name="triffusion-supervisor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                with self.lock:
+                    if self._stop.is_set():
+                        return
+                    self.tick()
+            except Exception:  # noqa: BLE001 - the supervisor must outlive any one failure
+                log.exception("supervisor check failed")
+            if self.gave_up:
+                return
+
+    # ---- one check ---------------------------------------------------------------------------
+    def tick(self) -> None:
+        process = self.server.process
+        if process.poll() is not None:
+            self._restart(process.returncode)
+            return
+        dead = missing_stubs(self.expected, procs.stubs(process.pid))
+        for model in dead:
+            self.reload(model, "its stub process died")
+        now = time.monotonic()
+        if not dead and now - self._last_health >= self.health_every_s and contract.ORCHESTRATOR in self.expected:
+            self._last_health = now
+            self._check_engine()
+
+    def _check_engine(self) -> None:
+        try:
+            health = self.admin.control({"op": "health"})
+        except Exception as exc:  # noqa: BLE001 - a stub death shows up in the process table instead
+            log.debug("orchestrator health check failed: %s", exc)
+            return
+        if health.get("broken"):
+            self.reload(contract.ORCHESTRATOR, f"its engine stopped ({health['broken']})")
+
+    def reload(self, model: str, why: str) -> None:
+        """Unload (readiness turns false) and load again; Triton 2.51's load of a loaded model is a no-op
+        and would leave a dead stub in place."""
+        log.error("reloading %s: %s", model, why)
+        start = time.monotonic()
+        try:
+            self.admin.unload(model)
+            self.admin.load(model)
+        except (urllib.error.URLError, OSError) as exc:
+            log.error("reloading %s failed: %s", model, exc)
+            return
+        self.counts[("reload", model)] += 1
+        self.server.remember_shm()
+        self.expected[model] = group_by_model(procs.stubs_of(self.server.process.pid, model)).get(model, set())
+        log.warning("%s reloaded in %.1f s", model, time.monotonic() - start)
+        self.report()
+
+    def _restart(self, returncode: int) -> None:
+        delay = self.policy.next_delay(time.monotonic())
+        if delay is None:
+            self.gave_up = (f"tritonserver exited with code {returncode}; {self.policy.limit} restarts within "
+                            f"{self.policy.window_s:.0f} s, giving up")
+            log.error(self.gave_up)
+            return
+        log.error("tritonserver exited with code %s; restarting in %.1f s", returncode, delay)
+        if self._stop.wait(delay):
+            return
+        start = time.monotonic()
+        self.server.restart()
+        self.counts[("restart", "tritonserver")] += 1
+        self.expected = group_by_model(procs.stubs(self.server.process.pid))
+        log.warning("tritonserver restarted in %.1f s", time.monotonic() - start)
+        self.report()
+
+    def report(self) -> None:
+        """Hand the counts to the orchestrator, which exports them on /metrics."""
+        events = [{"action": action, "model": model, "count": n} for (action, model), n in sorted(self.counts.items())]
+        try:
+            self.admin.control({"op": "events", "events": events})
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not report supervisor counts to the orchestrator: %s", exc)
+
+    def drain(self, grace_s: float) -> dict | None:
+        """Stop admitting and wait (up to grace_s) for the requests in flight; the last health seen."""
+        try:
+            health = self.admin.control({"op": "drain"})
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not drain the orchestrator: %s", exc)
+            return None
+        deadline = time.monotonic() + grace_s
+        while health.get("waiting", 0) + health.get("running", 0) > 0 and time.monotonic() < deadline:
+            time.sleep(0.1)  # polling the orchestrator's health: it has no push channel to this process
+            try:
+                health = self.admin.control({"op": "health"})
+            except Exception:  # noqa: BLE001
+                return None
+        return health
