@@ -10,15 +10,16 @@ import shutil
 import time
 from pathlib import Path
 
-from triffusion import contract
+from triffusion import components, contract
+from triffusion.components import ServingConfig, format_graph_shapes
+from triffusion.runtime import save_torch_artifact
 
-from .onnx_export import TextEncoderComponent, UNetComponent, VaeDecoderComponent, check_parity, export_component, file_sha256
+from .onnx_export import Component, check_parity, export_component, file_sha256
 from .presets import Pipeline, build_unet_variant, resolve_pipeline, save_pipeline, variant_model_name
 from .repository import write_repository
 from .tokenizer import write_tokenizer
-from triffusion.runtime import format_graph_shapes, save_torch_artifact
 
-ARTIFACTS = {name: f"{name}/1/model.onnx" for name in contract.COMPONENT_IO}
+ARTIFACTS = {name: f"{name}/1/model.onnx" for name in components.COMPONENTS}
 
 
 def _fingerprint(preset, model, seed, fp16, target="embedded", sizes=None, max_unet_rows=16, variants=(),
@@ -95,20 +96,9 @@ def _profile(out: Path, info: dict, runtime: str = "onnxruntime", device: str = 
     (out / contract.ORCHESTRATOR / "1" / "profile.json").write_text(json.dumps(data, indent=1) + "\n")
 
 
-def graph_buckets(sizes: list[int], max_unet_rows: int, vae_scale: int) -> dict[str, list[tuple[int, ...]]]:
-    """CUDA graph buckets per component kind for the served sizes: the UNet at 1 row and every even row
-    count (classifier-free guidance makes two rows a request) up to the largest batch; the text encoder
-    and VAE at powers of two (smaller batches pad into them)."""
-    latent = [(s // vae_scale, s // vae_scale) for s in sizes]
-    unet_rows = [1] + list(range(2, max_unet_rows + 1, 2))
-    return {contract.UNET: [(r, h, w) for h, w in latent for r in unet_rows],
-            contract.TEXT_ENCODER: [(r,) for r in (1, 2, 4, 8, 16) if r <= max(max_unet_rows, 2)],
-            contract.VAE_DECODER: [(r, h, w) for h, w in latent for r in (1, 2, 4)]}
-
-
 def _tensorrt_target(out: Path, info: dict, sizes: list[int], max_unet_rows: int, plan_only: bool, log) -> None:
     """NGC target: TensorRT engines for the components (tensorrt backend), python orchestrator and proxy."""
-    from .tensorrt import ServingConfig, build_engine, plan_profiles, tensorrt_config
+    from .tensorrt import build_engine, plan_profiles, tensorrt_config
 
     serving = ServingConfig(sizes=tuple((s, s) for s in sizes), max_unet_rows=max_unet_rows,
                             opt_unet_rows=min(8, max_unet_rows), vae_scale=info["vae_scale_factor"],
@@ -117,12 +107,12 @@ def _tensorrt_target(out: Path, info: dict, sizes: list[int], max_unet_rows: int
                       "max_size": max(sizes), "default_height": sizes[0], "default_width": sizes[0]}
     write_repository(out, info, device="cuda")
     plan = {}
-    unets = set(info.get("unets", {}).values())
+    served = components.served(info.get("unets", {}).values())
     for component, rel in info["artifacts"].items():
-        kind = contract.UNET if component in unets else component
-        profiles = plan_profiles(kind, serving)
+        kind = served[component]
+        profiles = plan_profiles(kind.name, serving)
         plan[component] = [p.shapes for p in profiles]
-        (out / component / "config.pbtxt").write_text(tensorrt_config(kind, profiles, name=component))
+        (out / component / "config.pbtxt").write_text(tensorrt_config(kind.name, profiles, name=component))
         (out / component / "1" / "model.py").unlink(missing_ok=True)
         if not plan_only:
             build_engine(out / rel, out / component / "1" / "model.plan", profiles, timing_cache=out / "timing.cache")
@@ -131,8 +121,7 @@ def _tensorrt_target(out: Path, info: dict, sizes: list[int], max_unet_rows: int
 
 
 def _export_onnx(kind: str, module, out: Path, name: str, pipeline: Pipeline, fp16: bool, log) -> str:
-    component = {contract.TEXT_ENCODER: TextEncoderComponent, contract.UNET: UNetComponent,
-                 contract.VAE_DECODER: VaeDecoderComponent}[kind](module)
+    component = Component(module, components.get(kind))
     latent = pipeline.unet.config.sample_size
     multiple = 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
     other = max(multiple, (latent // 2) // multiple * multiple)
@@ -233,17 +222,19 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
     # Further UNets (e.g. a light cascade partner) are Triton models of their own: unet_<preset>.
     modules.update({name: build_unet_variant(variant, pipeline, seed, random_weights)
                     for variant, name in variants.items()})
-    kind_of = lambda name: contract.UNET if name in variants.values() else name
+    served = components.served(variants.values())  # model name -> component (variants are UNets)
     export = _export_torch if runtime == "torch" else _export_onnx
-    artifacts = {name: export(kind_of(name), module, out, name, pipeline, fp16, log) for name, module in modules.items()}
+    artifacts = {name: export(served[name].name, module, out, name, pipeline, fp16, log)
+                 for name, module in modules.items()}
     # 4. Repository around the artifacts, the manifest, and a profile that seeds the latency predictor.
     info = _pipeline_info(pipeline, source, seed if random_weights else None, out, artifacts)
     info["random_weights"] = random_weights
     info["unets"] = {"default": contract.UNET, **variants}
-    if runtime == "torch":
+    if runtime == "torch":  # CUDA graphs per served bucket, captured at load
         info["served_sizes"] = sizes or [info["limits"]["default_height"]]
-        buckets = graph_buckets(info["served_sizes"], max_unet_rows, info["vae_scale_factor"])
-        info["graphs"] = {name: format_graph_shapes(buckets[kind_of(name)]) for name in artifacts}
+        serving = ServingConfig(sizes=tuple((s, s) for s in info["served_sizes"]), max_unet_rows=max_unet_rows,
+                                vae_scale=info["vae_scale_factor"])
+        info["graphs"] = {name: format_graph_shapes(served[name].graph_buckets(serving)) for name in artifacts}
     if cascade:
         info["cascade"] = {"light": variants[cascade["light"]], "heavy": contract.UNET,
                            "threshold": cascade.get("threshold", 0.5), "options": cascade.get("options", [])}

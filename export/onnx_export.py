@@ -1,18 +1,19 @@
-"""ONNX export of the three served components. One class per component states its export contract
-(names from triffusion.contract, dynamic axes, sample inputs); every export is checked against torch.
+"""ONNX export of the served components, each checked against torch. What a component exports (names,
+dynamic axes, sample inputs, the torch wrapper) is stated by its class in triffusion.components; a
+Component here binds that to one torch model.
 
 The legacy TorchScript exporter at opset 17 is used on purpose: the dynamo exporter needs opset >= 18,
 and at 17 it gives graphs onnxruntime rejects."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from triffusion import contract
+from triffusion import components
+from triffusion.runtime import OnnxRuntime
 
 OPSET = 17
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB cap, with room for the graph itself
@@ -22,87 +23,47 @@ class ExportParityError(RuntimeError):
     pass
 
 
-class _UNetOutput(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
-
-class _VaeDecode(torch.nn.Module):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent):
-        return self.vae.decode(latent, return_dict=False)[0]
-
-
-class _TextEncoder(torch.nn.Module):
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids):
-        return self.encoder(input_ids, return_dict=False)[0]
-
-
-@dataclass
 class Component:
-    """Export contract of one served model."""
+    """A served component bound to its torch model: `spec` (dims from the model) and `module` (the
+    model wrapped to take the component's inputs positionally)."""
 
-    name: str
-    module: torch.nn.Module
-    dynamic_axes: dict
+    kind: type[components.Component]  # set by the subclasses below, or passed
+
+    def __init__(self, model, kind: type[components.Component] | None = None):
+        kind = kind or self.kind
+        self.spec = kind.from_model(model)
+        self.module = kind.wrap(model)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def dynamic_axes(self) -> dict:
+        return {name: dict(axes) for name, axes in self.spec.dynamic_axes.items()}  # a copy for the exporter
 
     @property
     def input_names(self) -> list[str]:
-        return [spec.name for spec in contract.COMPONENT_IO[self.name][0]]
+        return list(self.spec.input_names)
 
     @property
     def output_names(self) -> list[str]:
-        return [spec.name for spec in contract.COMPONENT_IO[self.name][1]]
+        return list(self.spec.output_names)
 
     def sample(self, batch: int, latent_hw: tuple[int, int]) -> tuple[torch.Tensor, ...]:
-        raise NotImplementedError
+        return self.spec.sample(batch, latent_hw)
 
 
 class TextEncoderComponent(Component):
-    def __init__(self, encoder):
-        super().__init__(contract.TEXT_ENCODER, _TextEncoder(encoder),
-                         {"input_ids": {0: "batch"}, "text_embeddings": {0: "batch"}})
-        self.vocab = encoder.config.vocab_size
-
-    def sample(self, batch, latent_hw):
-        generator = torch.Generator().manual_seed(batch)
-        return (torch.randint(0, self.vocab, (batch, contract.TEXT_MAX_LENGTH), generator=generator),)
+    kind = components.TextEncoder
 
 
 class UNetComponent(Component):
-    def __init__(self, unet):
-        super().__init__(contract.UNET, _UNetOutput(unet),
-                         {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
-                          "encoder_hidden_states": {0: "batch"}, "noise_pred": {0: "batch", 2: "height", 3: "width"}})
-        self.channels = unet.config.in_channels
-        self.hidden = unet.config.cross_attention_dim
-
-    def sample(self, batch, latent_hw):
-        generator = torch.Generator().manual_seed(batch)
-        return (torch.randn(batch, self.channels, *latent_hw, generator=generator),
-                torch.linspace(999, 1, batch),
-                torch.randn(batch, contract.TEXT_MAX_LENGTH, self.hidden, generator=generator))
+    kind = components.UNet
 
 
 class VaeDecoderComponent(Component):
-    def __init__(self, vae):
-        super().__init__(contract.VAE_DECODER, _VaeDecode(vae),
-                         {"latent": {0: "batch", 2: "height", 3: "width"}, "image": {0: "batch", 2: "height", 3: "width"}})
-        self.channels = vae.config.latent_channels
-
-    def sample(self, batch, latent_hw):
-        return (torch.randn(batch, self.channels, *latent_hw, generator=torch.Generator().manual_seed(batch)),)
+    kind = components.VaeDecoder
 
 
 def export_component(component: Component, path: Path, latent_hw: tuple[int, int], fp16: bool = False) -> Path:
@@ -130,8 +91,6 @@ def export_component(component: Component, path: Path, latent_hw: tuple[int, int
 def check_parity(component: Component, path: Path, shapes: list[tuple[int, tuple[int, int]]],
                  rtol: float = 1e-3) -> float:
     """Run onnxruntime and torch on each (batch, latent size); raise past tolerance. Returns max error."""
-    from triffusion.runtime import OnnxRuntime
-
     runtime = OnnxRuntime(path)
     worst = 0.0
     for batch, latent_hw in shapes:

@@ -22,6 +22,10 @@ class Pipeline:
     tokenizer_dir: Path | None  # a folder with the pipeline's own tokenizer, if it has one
 
 
+class ExportError(ValueError):
+    """An export that cannot go on, with a one-line reason naming the flag to change (the CLI prints it)."""
+
+
 def presets() -> list[str]:
     return sorted(p.name for p in CONFIGS.iterdir() if (p / "unet.json").exists())
 
@@ -34,7 +38,7 @@ def checkpoint_of(preset: str) -> str | None:
 
 def _check_preset(preset: str, flag: str = "preset") -> None:
     if preset not in presets():
-        raise SystemExit(f"unknown {flag} '{preset}'; choose one of: {', '.join(presets())}")
+        raise ExportError(f"unknown {flag} '{preset}'; choose one of: {', '.join(presets())}")
 
 
 def resolve_pipeline(preset: str | None, model: str | None, random_weights: bool, seed: int = 0,
@@ -47,12 +51,12 @@ def resolve_pipeline(preset: str | None, model: str | None, random_weights: bool
     --model PATH|HUB_ID              real weights, architecture as the checkpoint says
     --model PATH --random-weights    the checkpoint's architecture (configs only), seeded random weights"""
     if not preset and not model:
-        raise SystemExit("pass --preset NAME, --model PATH, or both")
+        raise ExportError("pass --preset NAME, --model PATH, or both")
     if preset:
         _check_preset(preset)
     if preset and (random_weights or (not model and checkpoint_of(preset) is None)):
         if model:
-            raise SystemExit("--random-weights with --preset takes no --model: the preset is the architecture")
+            raise ExportError("--random-weights with --preset takes no --model: the preset is the architecture")
         if not random_weights:
             log(f"preset {preset} has no released checkpoint: seeded random weights (seed {seed})")
         return build_preset(preset, seed), preset, True
@@ -61,10 +65,10 @@ def resolve_pipeline(preset: str | None, model: str | None, random_weights: bool
     source = model or checkpoint_of(preset)
     try:
         pipeline = load_pipeline(source)
-    except SystemExit:
+    except ExportError:
         if model:
             raise
-        raise SystemExit(f"--preset {preset}: its weights ({source}) are neither cached here nor reachable on the "
+        raise ExportError(f"--preset {preset}: its weights ({source}) are neither cached here nor reachable on the "
                          "hub; pass --model PATH for a local diffusers folder, or --random-weights for the "
                          "architecture with seeded random weights") from None
     if preset:
@@ -80,7 +84,7 @@ def check_architecture(pipeline: "Pipeline", preset: str) -> None:
         have = pipeline.unet.config.get(key)
         want = expected.get(key)
         if want is not None and (list(have) if isinstance(have, (list, tuple)) else have) != want:
-            raise SystemExit(f"--preset {preset}: the checkpoint's unet {key} is {have}, the preset's is {want}; "
+            raise ExportError(f"--preset {preset}: the checkpoint's unet {key} is {have}, the preset's is {want}; "
                              "pass the matching --preset, or only --model")
 
 
@@ -117,14 +121,14 @@ def build_unet_variant(preset: str, base: Pipeline, seed: int = 0, random_weight
     config = _config(preset, "unet")
     for key in ("cross_attention_dim", "in_channels", "out_channels"):
         if config.get(key) != base.unet.config[key]:
-            raise SystemExit(f"--unet-variant {preset}: {key} {config.get(key)} does not match the base model's "
+            raise ExportError(f"--unet-variant {preset}: {key} {config.get(key)} does not match the base model's "
                              f"{base.unet.config[key]}; a variant must share the text encoder and VAE")
     checkpoint = checkpoint_of(preset)
     if not random_weights and checkpoint:
         try:
             return UNet2DConditionModel.from_pretrained(checkpoint, subfolder="unet").eval()
         except OSError as exc:
-            raise SystemExit(f"--unet-variant {preset}: its weights ({checkpoint}) could not be loaded "
+            raise ExportError(f"--unet-variant {preset}: its weights ({checkpoint}) could not be loaded "
                              f"({str(exc).splitlines()[0]}); pass --random-weights to measure the architecture") from None
     torch.manual_seed(seed + 1)
     return UNet2DConditionModel(**config).eval()
@@ -138,7 +142,7 @@ def build_from_configs(model: str, seed: int = 0) -> Pipeline:
 
     path = Path(model)
     if not (path / "model_index.json").exists():
-        raise SystemExit(f"--model {model} --random-weights: needs a local diffusers folder (with model_index.json) "
+        raise ExportError(f"--model {model} --random-weights: needs a local diffusers folder (with model_index.json) "
                          "to read the architecture from")
     read = lambda sub: {k: v for k, v in json.loads((path / sub / "config.json").read_text()).items()
                         if not k.startswith("_")}
@@ -164,14 +168,14 @@ def load_pipeline(model: str) -> Pipeline:
 
     path = Path(model)
     if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
-        raise SystemExit(f"--model {model}: no such folder; pass a local diffusers folder (with model_index.json)")
+        raise ExportError(f"--model {model}: no such folder; pass a local diffusers folder (with model_index.json)")
     if path.exists() and not (path / "model_index.json").exists():
-        raise SystemExit(f"--model {model}: not a diffusers folder (no model_index.json); "
+        raise ExportError(f"--model {model}: not a diffusers folder (no model_index.json); "
                          "pass the folder that save_pretrained wrote")
     try:
         pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
     except OSError as exc:
-        raise SystemExit(f"--model {model}: not a local folder and the hub could not provide it "
+        raise ExportError(f"--model {model}: not a local folder and the hub could not provide it "
                          f"({str(exc).splitlines()[0]}); pass a local diffusers folder") from None
     tokenizer_dir = path / "tokenizer" if path.exists() and (path / "tokenizer").exists() else None
     name = path.name if path.exists() else model.replace("/", "--")

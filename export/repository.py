@@ -7,8 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from triffusion import contract
-from triffusion.contract import TensorSpec as TensorSpecs
+from triffusion import components, contract
 from triffusion.orchestrator.config import OrchestratorConfig
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "model_repository"
@@ -34,15 +33,13 @@ def _instances(count: int, kind: str = "KIND_CPU") -> str:
     return f"instance_group [ {{ count: {count} kind: {kind} }} ]\n"
 
 
-def component_config(name: str, io, params: dict, instance_kind: str = "KIND_CPU",
-                     optional: frozenset[str] = frozenset(), max_batch: int = 0) -> str:
-    """A component served by the python backend through a triffusion runtime (onnxruntime, ...). With
-    `max_batch` the leading dim is Triton's batch dim: Triton bounds it, and the other dims are fixed."""
-    inputs, outputs = io
-    if max_batch:
-        inputs, outputs = ([TensorSpecs(s.name, s.dtype, s.dims[1:]) for s in specs] for specs in (inputs, outputs))
-    return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
-            + _tensors("input", inputs, optional) + _tensors("output", outputs)
+def component_config(name: str, component: type[components.Component], params: dict,
+                     instance_kind: str = "KIND_CPU") -> str:
+    """A component served by the python backend through a triffusion runtime (onnxruntime, ...), with the
+    component's tensors, optional inputs and max_batch_size (see Component.served_io)."""
+    inputs, outputs = component.served_io()
+    return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {component.max_batch}\n'
+            + _tensors("input", inputs, component.optional) + _tensors("output", outputs)
             + _instances(1, instance_kind) + _parameters(params))
 
 
@@ -97,11 +94,9 @@ def write_repository(out_dir: Path, pipeline: dict, *, runtime: str = "onnxrunti
                      orchestrator: dict | None = None, max_inflight: int = 256) -> Path:
     """Write configs and adapters around the artifacts already in `out_dir` (ONNX files, tokenizer)."""
     out_dir = Path(out_dir)
-    components = dict(contract.COMPONENT_IO)
-    components.update({name: contract.UNET_IO for name in pipeline.get("unets", {}).values()})
     graphs = pipeline.get("graphs", {})
     gpu = device == "cuda"
-    for name, io in components.items():
+    for name, component in components.served(pipeline.get("unets", {}).values()).items():
         artifact = Path(pipeline["artifacts"][name]).name
         params = {"runtime": runtime, "artifact": artifact, "device": device}
         if graphs.get(name):
@@ -110,8 +105,7 @@ def write_repository(out_dir: Path, pipeline: dict, *, runtime: str = "onnxrunti
             params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
         (out_dir / name).mkdir(parents=True, exist_ok=True)
         (out_dir / name / "config.pbtxt").write_text(component_config(
-            name, io, params, "KIND_GPU" if gpu else "KIND_CPU",
-            max_batch=contract.TEXT_ENCODER_MAX_BATCH if name == contract.TEXT_ENCODER else 0))
+            name, component, params, "KIND_GPU" if gpu else "KIND_CPU"))
         _copy_adapter("component", out_dir / name)
     orch_dir = out_dir / contract.ORCHESTRATOR
     _copy_adapter(contract.ORCHESTRATOR, orch_dir)
@@ -127,9 +121,8 @@ def write_repository(out_dir: Path, pipeline: dict, *, runtime: str = "onnxrunti
         gate_dir = out_dir / contract.QUALITY_GATE
         _copy_adapter(contract.QUALITY_GATE, gate_dir)
         (gate_dir / "config.pbtxt").write_text(component_config(
-            contract.QUALITY_GATE, contract.QUALITY_GATE_IO,
-            {"artifact": Path(pipeline["gate"]["artifact"]).name, "device": device},
-            optional=contract.QUALITY_GATE_OPTIONAL))
+            contract.QUALITY_GATE, components.QualityGate,
+            {"artifact": Path(pipeline["gate"]["artifact"]).name, "device": device}))
     baselines = pipeline.get("baselines")
     if baselines:  # benchmarks compare against these in the same server
         for name, max_batch in ((contract.BASELINE_SEQUENTIAL, 0), (contract.BASELINE_BATCHING, baselines["max_batch"])):

@@ -1,79 +1,27 @@
 """TensorRT engines for the served components: optimization profiles planned from the declared serving
-config (resolution buckets x batch ranges), fp16, a timing cache, optional refit, and the
-`tensorrt_plan` config.pbtxt per engine. The planning and configs are plain code; only
-`build_engine` needs TensorRT, and it says so where TensorRT is absent."""
+config (resolution buckets x batch ranges; each component's class in triffusion.components states its
+own), fp16, a timing cache, optional refit, and the `tensorrt_plan` config.pbtxt per engine. The
+planning and configs are plain code; only `build_engine` needs TensorRT, and it says so where TensorRT
+is absent."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from triffusion import contract
+from triffusion import components
+from triffusion.components import OutsideProfiles, Profile, ServingConfig
 
-from .repository import TRITON_TYPES
+from .repository import _tensors
 
 
 class TensorRTUnavailable(RuntimeError):
     pass
 
 
-class OutsideProfiles(ValueError):
-    """A shape no optimization profile covers."""
-
-
-@dataclass(frozen=True)
-class ServingConfig:
-    """What the engines must serve: image sizes (square or (h, w)), UNet rows per call, images per decode."""
-
-    sizes: tuple[tuple[int, int], ...]
-    max_unet_rows: int = 16
-    opt_unet_rows: int = 8
-    max_images: int = 4
-    vae_scale: int = 8
-    text_hidden: int = 768
-    latent_channels: int = 4
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ServingConfig":
-        sizes = tuple((s, s) if isinstance(s, int) else tuple(s) for s in data["sizes"])
-        return cls(sizes=sizes, **{k: v for k, v in data.items() if k != "sizes"})
-
-
-@dataclass
-class Profile:
-    """min/opt/max shape per input name."""
-
-    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
-
-    def covers(self, name: str, shape: tuple[int, ...]) -> bool:
-        low, _, high = self.shapes[name]
-        return all(lo <= s <= hi for lo, s, hi in zip(low, shape, high))
-
-
 def plan_profiles(component: str, serving: ServingConfig) -> list[Profile]:
-    """One profile per resolution bucket for the UNet and VAE (static spatial dims give TensorRT its best
-    kernels), batch ranges from the serving limits; one batch-range profile for the text encoder."""
-    t, hidden, c = contract.TEXT_MAX_LENGTH, serving.text_hidden, serving.latent_channels
-    rows, opt = serving.max_unet_rows, min(serving.opt_unet_rows, serving.max_unet_rows)
-    if component == contract.TEXT_ENCODER:
-        return [Profile({"input_ids": ((1, t), (2, t), (rows, t))})]
-    profiles = []
-    for height, width in serving.sizes:
-        if height % serving.vae_scale or width % serving.vae_scale:
-            raise OutsideProfiles(f"size {height}x{width} is not a multiple of the VAE factor {serving.vae_scale}")
-        h, w = height // serving.vae_scale, width // serving.vae_scale
-        if component == contract.UNET:
-            profiles.append(Profile({
-                "sample": ((1, c, h, w), (opt, c, h, w), (rows, c, h, w)),
-                "timestep": ((1,), (opt,), (rows,)),
-                "encoder_hidden_states": ((1, t, hidden), (opt, t, hidden), (rows, t, hidden)),
-            }))
-        elif component == contract.VAE_DECODER:
-            images = serving.max_images
-            profiles.append(Profile({"latent": ((1, c, h, w), (1, c, h, w), (images, c, h, w))}))
-        else:
-            raise ValueError(f"unknown component '{component}'")
-    return profiles
+    """The optimization profiles of a component kind for the serving config (see Component.profiles)."""
+    kind = components.get(component)
+    return kind.from_serving(serving).profiles(serving)
 
 
 def check_shapes(component: str, profiles: list[Profile], shapes: dict[str, tuple[int, ...]]) -> int:
@@ -87,17 +35,12 @@ def check_shapes(component: str, profiles: list[Profile], shapes: dict[str, tupl
 
 
 def tensorrt_config(component: str, profiles: list[Profile], instances: int = 1, name: str | None = None) -> str:
-    """config.pbtxt for Triton's TensorRT backend; dims dynamic, the engine's profiles bound them."""
-    inputs, outputs = contract.COMPONENT_IO[component]
-
-    def block(kind, specs):
-        rows = [f'  {{ name: "{s.name}" data_type: {TRITON_TYPES[s.dtype]} dims: [ {", ".join(str(d) for d in s.dims)} ] }}'
-                for s in specs]
-        return f"{kind} [\n" + ",\n".join(rows) + "\n]\n"
-
+    """config.pbtxt for Triton's TensorRT backend; dims dynamic (max_batch_size 0 for every component),
+    the engine's profiles bound them."""
+    kind = components.get(component)
     profile_names = ", ".join(f'"{i}"' for i in range(len(profiles)))
     return (f'name: "{name or component}"\nplatform: "tensorrt_plan"\nmax_batch_size: 0\n'
-            + block("input", inputs) + block("output", outputs)
+            + _tensors("input", kind.inputs) + _tensors("output", kind.outputs)
             + f"instance_group [ {{ count: {instances} kind: KIND_GPU profile: [ {profile_names} ] }} ]\n")
 
 
@@ -138,3 +81,7 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[Profile], *,
     if timing_cache:
         timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
     return engine_path
+
+
+__all__ = ["OutsideProfiles", "Profile", "ServingConfig", "TensorRTUnavailable", "build_engine", "check_shapes",
+           "plan_profiles", "tensorrt_config"]

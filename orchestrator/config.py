@@ -165,5 +165,7 @@ def build_engine(config: OrchestratorConfig, pipeline: dict, executor, *, profil
     options = {} if clock is None else {"clock": clock}
     runner = Runner(executor, spec, device=config.engine_device, patch_grid=scheduler.patch_grid,
                     max_decode_batch=config.max_decode_batch or None, **options)
-    engine = Engine(scheduler, runner, model=spec.model, observer=observer, **options)
+    # Every call in an iteration has a deadline; a loop silent for longer than a few of them is wedged.
+    engine = Engine(scheduler, runner, model=spec.model, observer=observer,
+                    stuck_after_s=3 * config.component_timeout_s, **options)
     return engine, Limits.from_dict(pipeline.get("limits", {}))

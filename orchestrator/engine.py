@@ -40,8 +40,9 @@ class Observer:
 
 class Engine:
     def __init__(self, scheduler: StepScheduler, runner, *, model: str = "pipeline", clock=time.monotonic,
-                 observer: Observer | None = None):
+                 observer: Observer | None = None, stuck_after_s: float = 180.0):
         self.scheduler, self.runner, self.model, self.clock = scheduler, runner, model, clock
+        self.stuck_after_s = stuck_after_s  # with work waiting, no iteration for this long means a wedged loop
         self.observer = observer or Observer()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -74,12 +75,16 @@ class Engine:
         with self._cv:
             running = self._thread is not None and self._thread.is_alive()
             age = None if self.last_iteration is None else self.clock() - self.last_iteration
-            return {"ok": self.broken is None and (running or self._thread is None), "broken": self.broken,
+            broken = self.broken
+            if broken is None and self.scheduler.has_work and age is not None and age > self.stuck_after_s:
+                broken = f"no iteration for {age:.0f} s with requests waiting"
+            return {"ok": broken is None and (running or self._thread is None), "broken": broken,
                     "waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                     "closed": self.scheduler.closed is not None, "last_iteration_age_s": age}
 
     # ---- loop ------------------------------------------------------------------------------
     def start(self) -> None:
+        self.last_iteration = self.clock()
         self._thread = threading.Thread(target=self._run, name="triffusion-engine", daemon=True)
         self._thread.start()
 

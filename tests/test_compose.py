@@ -26,7 +26,9 @@ def check(config: dict) -> None:
         device = service["deploy"]["resources"]["reservations"]["devices"][0]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     assert "triffusion.export build" in " ".join(export["command"]) and export["restart"] == "no"
-    assert "--model-repository=/models/repository" in " ".join(triton["command"])
+    serve = " ".join(triton["command"])
+    assert "triffusion serve --repo /models/repository --host 0.0.0.0" in serve and "--grace 30" in serve
+    assert triton["environment"]["TRITONSERVER"] == "/opt/tritonserver/bin/tritonserver"
     assert triton["depends_on"]["export"]["condition"] == "service_completed_successfully"
     assert str(triton["shm_size"]) in ("2gb", "${SHM_SIZE:-2gb}")  # resolved by compose, raw in the file
     assert triton["ulimits"] == {"memlock": -1, "stack": 67108864}
@@ -45,7 +47,7 @@ def test_real_compose_config_accepts_the_file(monkeypatch):
     command = compose_command()
     if command is None:
         pytest.skip("no compose implementation installed (docker-compose or the docker compose plugin)")
-    monkeypatch.setenv("TRITON_VERSION", "24.10")
+    monkeypatch.setenv("TRITON_VERSION", "26.04")
     done = subprocess.run([*command, "-f", str(COMPOSE), "config"], capture_output=True, text=True,
                           cwd=COMPOSE.parent)
     assert done.returncode == 0, done.stderr

@@ -1,7 +1,8 @@
 """Names shared by export, model repository, orchestrator and client: one name per concept.
 
-Component models (text encoder, UNet, VAE decoder) take and return these tensors; the orchestrator
-and the client use the request/response names below. Change a name here and everywhere follows.
+Model names, and the request/response tensors the fronts, the orchestrator and the client exchange.
+What each component model (text encoder, UNet, VAE decoder, quality gate) takes and returns, and how it
+is exported and served, lives in triffusion.components. Change a name here and everywhere follows.
 """
 
 from __future__ import annotations
@@ -33,36 +34,10 @@ class TensorSpec:
     dims: tuple[int, ...]  # -1 = dynamic; batch included (max_batch_size 0)
 
 
-# Component I/O. Batch is the first dim; the UNet takes one timestep per sample so that requests at
-# different steps share one UNet call (step-level batching).
-# The text encoder's batch is Triton's batch dimension (max_batch_size > 0) and every other dim is fixed,
-# so Triton itself refuses a malformed shape before it reaches the model (see TEXT_ENCODER_MAX_BATCH).
-TEXT_ENCODER_IO = (
-    (TensorSpec("input_ids", "INT64", (-1, TEXT_MAX_LENGTH)),),
-    (TensorSpec("text_embeddings", "FP32", (-1, TEXT_MAX_LENGTH, -1)),),
-)
-TEXT_ENCODER_MAX_BATCH = 64  # rows per text encoder call (two per request with CFG)
-UNET_IO = (
-    (
-        TensorSpec("sample", "FP32", (-1, -1, -1, -1)),
-        TensorSpec("timestep", "FP32", (-1,)),
-        TensorSpec("encoder_hidden_states", "FP32", (-1, TEXT_MAX_LENGTH, -1)),
-    ),
-    (TensorSpec("noise_pred", "FP32", (-1, -1, -1, -1)),),
-)
-# VAE decoder input is already divided by the VAE scaling factor; output is in [-1, 1].
-VAE_DECODER_IO = (
-    (TensorSpec("latent", "FP32", (-1, -1, -1, -1)),),
-    (TensorSpec("image", "FP32", (-1, 3, -1, -1)),),
-)
-COMPONENT_IO = {TEXT_ENCODER: TEXT_ENCODER_IO, UNET: UNET_IO, VAE_DECODER: VAE_DECODER_IO}
-# The gate takes a batch of same-size generated images (and, optional, the prompt of each: the CLIP gate
-# scores an image against it) and returns one score in [0, 1] per image.
-QUALITY_GATE_IO = (
-    (TensorSpec("image", "UINT8", (-1, -1, -1, 3)), TensorSpec("prompt", "BYTES", (-1,))),
-    (TensorSpec("score", "FP32", (-1,)),),
-)
-QUALITY_GATE_OPTIONAL = frozenset({"prompt"})
+# The text encoder's Triton max_batch_size: rows per text encoder call (two per request with CFG). Shared
+# with the orchestrator, which never sends more rows in one call. Each component's tensors, dims and
+# serving rules live in triffusion.components.
+TEXT_ENCODER_MAX_BATCH = 64
 
 # Orchestrator request inputs: every one has shape [1]; only prompt is required.
 REQUEST_INPUTS = (

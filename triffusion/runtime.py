@@ -1,13 +1,17 @@
-"""One small interface for running an exported component: ONNX Runtime today, TensorRT or a CUDA
-graph runtime later. A runtime maps named numpy arrays to named numpy arrays."""
+"""One small interface for running an exported component: ONNX Runtime, or torch with CUDA graphs per
+served bucket. A runtime maps named numpy arrays to named numpy arrays. What each component takes, and
+its graph buckets, come from triffusion.components (this module never imports export)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping, Protocol
+from typing import Iterable, Mapping, Protocol
 
 import numpy as np
+
+from triffusion import components
+from triffusion.components import format_graph_shapes, parse_graph_shapes  # noqa: F401 (re-exported)
 
 
 class Runtime(Protocol):
@@ -49,22 +53,6 @@ class OnnxRuntime:
                 for name, out in zip(self.output_names, outputs)}
 
 
-def parse_graph_shapes(spec: str) -> list[tuple[int, ...]]:
-    """"2x64x64,4x64x64" -> [(2, 64, 64), (4, 64, 64)]: the (rows, latent h, latent w) buckets to capture
-    (just rows for the text encoder). Kept as plain text because config.pbtxt parameters are strings."""
-    shapes = []
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        try:
-            shapes.append(tuple(int(d) for d in item.split("x")))
-        except ValueError:
-            raise ValueError(f"graph_shapes: '{item}' is not ROWSxHxW (e.g. 2x64x64)") from None
-    return shapes
-
-
-def format_graph_shapes(shapes) -> str:
-    return ",".join("x".join(str(d) for d in shape) for shape in shapes)
-
-
 def create_runtime(kind: str, artifact: str | os.PathLike, device: str = "cpu", threads: int = 0,
                    graph_shapes: str = "") -> Runtime:
     """Build the runtime named in a model's config (parameters: runtime, artifact, device, graph_shapes)."""
@@ -77,6 +65,9 @@ def create_runtime(kind: str, artifact: str | os.PathLike, device: str = "cpu", 
     return OnnxRuntime(artifact, device=device, threads=threads)
 
 
+_INTEGER_INPUTS = frozenset().union(*(c.integer_inputs() for c in components.COMPONENTS.values()))
+
+
 class TorchRuntime:
     """A torch module as a runtime: fp16, channels-last and SDPA attention on CUDA, with CUDA graphs
     captured per served bucket at load (warm-up belongs in load, not in the first request). A batch
@@ -86,7 +77,7 @@ class TorchRuntime:
     finished when run() returns, so callers' timings are true GPU times."""
 
     def __init__(self, module, input_names, output_names, device: str = "cpu", fp16: bool | None = None,
-                 graph_shapes=()):
+                 graph_shapes=(), integer_inputs: Iterable[str] | None = None):
         import torch
 
         self.torch, self.device = torch, torch.device(device)
@@ -96,6 +87,8 @@ class TorchRuntime:
             self.module = self.module.to(memory_format=torch.channels_last)
             self._pool = torch.cuda.graph_pool_handle()  # graphs replay one at a time: one memory pool
         self.input_names, self.output_names = tuple(input_names), tuple(output_names)
+        # inputs captured as int64 (token ids); default: the integer inputs of every served component
+        self.integer_inputs = frozenset(integer_inputs if integer_inputs is not None else _INTEGER_INPUTS)
         self.graphs: dict[tuple, tuple] = {}
         for shapes in graph_shapes:
             self.capture(shapes)
@@ -112,7 +105,7 @@ class TorchRuntime:
         if self.device.type != "cuda":
             return
         static = [torch.zeros(shapes[n], device=self.device,
-                              dtype=torch.int64 if n == "input_ids" else self.dtype) for n in self.input_names]
+                              dtype=torch.int64 if n in self.integer_inputs else self.dtype) for n in self.input_names]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
@@ -171,44 +164,19 @@ def load_torch_runtime(folder: str | os.PathLike, device: str = "cpu", graph_sha
     """A torch artifact -> TorchRuntime, with CUDA graphs for the given (rows, h, w) buckets."""
     import json
 
-    from triffusion import contract
-    from triffusion.export.onnx_export import TextEncoderComponent, UNetComponent, VaeDecoderComponent
-
     folder = Path(folder)
     meta = folder / COMPONENT_FILE
     if not meta.exists():
         raise FileNotFoundError(f"{folder}: not a torch artifact (no {COMPONENT_FILE}); export with --runtime torch")
     kind = json.loads(meta.read_text())["kind"]
-    if kind == contract.UNET:
-        from diffusers import UNet2DConditionModel
-
-        unet = UNet2DConditionModel.from_pretrained(str(folder))
-        unet.set_attn_processor(_sdpa_processor())
-        component = UNetComponent(unet)
-        hidden, channels = unet.config.cross_attention_dim, unet.config.in_channels
-        shapes = [{"sample": (r, channels, h, w), "timestep": (r,),
-                   "encoder_hidden_states": (r, contract.TEXT_MAX_LENGTH, hidden)} for r, h, w in graph_shapes]
-    elif kind == contract.TEXT_ENCODER:
-        from transformers import CLIPTextModel
-
-        component = TextEncoderComponent(CLIPTextModel.from_pretrained(str(folder), attn_implementation="sdpa"))
-        shapes = [{"input_ids": (shape[0], contract.TEXT_MAX_LENGTH)} for shape in graph_shapes]
-    elif kind == contract.VAE_DECODER:
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(str(folder))
-        component = VaeDecoderComponent(vae)
-        shapes = [{"latent": (r, vae.config.latent_channels, h, w)} for r, h, w in graph_shapes]
-    else:
+    if kind not in components.COMPONENTS:
         raise ValueError(f"{meta}: unknown component kind '{kind}'")
-    return TorchRuntime(component.module, component.input_names, component.output_names, device=device,
-                        graph_shapes=shapes)
-
-
-def _sdpa_processor():
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    return AttnProcessor2_0()
+    component = components.get(kind)
+    model = component.load_pretrained(folder)
+    spec = component.from_model(model)
+    return TorchRuntime(component.wrap(model), spec.input_names, spec.output_names, device=device,
+                        graph_shapes=[spec.graph_inputs(bucket) for bucket in graph_shapes],
+                        integer_inputs=component.integer_inputs())
 
 
 RUNTIMES = {"onnxruntime": OnnxRuntime, "torch": TorchRuntime}

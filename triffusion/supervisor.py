@@ -126,6 +126,7 @@ class Supervisor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_health = 0.0
+        self._health_failures = 0  # consecutive health checks the orchestrator did not answer
         self.lock = threading.Lock()  # held while healing: stop() waits for it
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -165,14 +166,32 @@ class Supervisor:
             self._last_health = now
             self._check_engine()
 
-    def _check_engine(self) -> None:
+    def _check_engine(self, max_failures: int = 3) -> None:
         try:
             health = self.admin.control({"op": "health"})
         except Exception as exc:  # noqa: BLE001 - a stub death shows up in the process table instead
-            log.debug("orchestrator health check failed: %s", exc)
+            self._health_failures += 1
+            log.warning("orchestrator health check failed (%d in a row): %s", self._health_failures, exc)
+            if self._health_failures >= max_failures:
+                self._health_failures = 0
+                self._kill_and_reload(contract.ORCHESTRATOR, f"it did not answer {max_failures} health checks in a row")
             return
+        self._health_failures = 0
         if health.get("broken"):
-            self.reload(contract.ORCHESTRATOR, f"its engine stopped ({health['broken']})")
+            self._kill_and_reload(contract.ORCHESTRATOR, f"its engine stopped ({health['broken']})")
+
+    def _kill_and_reload(self, model: str, why: str) -> None:
+        """A stub that is alive but cannot serve: kill it first (its unload could wait on a wedged thread);
+        the fronts answer its requests, then it is reloaded like any dead stub."""
+        import os
+        import signal
+
+        for pid in procs.stubs_of(self.server.process.pid, model).values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.reload(model, why)
 
     def reload(self, model: str, why: str) -> None:
         """Unload (readiness turns false) and load again; Triton 2.51's load of a loaded model is a no-op

@@ -116,7 +116,7 @@ def test_preset_without_reachable_weights_says_what_to_pass(tmp_path):
 
 def test_preset_with_a_checkpoint_of_another_architecture_is_refused(tiny_build, tmp_path):
     root, _, _ = tiny_build
-    with pytest.raises(SystemExit, match="unet block_out_channels is \\[32, 64\\], the preset's is \\[320"):
+    with pytest.raises(ValueError, match="unet block_out_channels is \\[32, 64\\], the preset's is \\[320"):
         build("sd15", str(root / "models" / "tiny-seed0"), tmp_path / "o", profile=False, log=lambda *_: None)
 
 

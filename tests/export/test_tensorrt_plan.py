@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 
-from triffusion import contract
+from triffusion import components, contract
 from triffusion.export.tensorrt import (OutsideProfiles, ServingConfig, TensorRTUnavailable, build_engine,
                                         check_shapes, plan_profiles, tensorrt_config)
 
@@ -44,7 +44,7 @@ def test_tensorrt_config_names_platform_io_and_profiles():
     text = tensorrt_config(contract.UNET, plan_profiles(contract.UNET, SD15))
     assert 'platform: "tensorrt_plan"' in text and "kind: KIND_GPU" in text
     assert 'profile: [ "0", "1", "2" ]' in text
-    for spec in contract.UNET_IO[0] + contract.UNET_IO[1]:
+    for spec in components.UNet.inputs + components.UNet.outputs:
         assert f'name: "{spec.name}"' in text
 
 
@@ -73,7 +73,7 @@ def test_ngc_target_writes_tensorrt_configs_and_the_plan(tmp_path):
 
     out = tmp_path / "ngc"
     build("tiny", None, out, target="ngc", sizes=[64, 128], plan_only=True, profile=False, log=lambda *_: None)
-    for component in contract.COMPONENT_IO:
+    for component in components.COMPONENTS:
         config = (out / component / "config.pbtxt").read_text()
         assert 'platform: "tensorrt_plan"' in config and not (out / component / "1" / "model.py").exists()
     assert 'backend: "python"' in (out / contract.ORCHESTRATOR / "config.pbtxt").read_text()

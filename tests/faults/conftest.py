@@ -39,8 +39,11 @@ class FaultServer:
 
 
 def fault_repository(source: Path, dest: Path) -> Path:
-    shutil.copytree(source, dest)
+    # The baselines are benchmark models: leave them out (each is a diffusers pipeline in memory).
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns(contract.BASELINE_SEQUENTIAL,
+                                                                  contract.BASELINE_BATCHING))
     pipeline = json.loads((dest / contract.ORCHESTRATOR / "1" / "pipeline.json").read_text())
+    pipeline.pop("baselines", None)
     write_repository(dest, pipeline, orchestrator={"max_active": 4, "max_queue": 32, "cascade_threshold": 0.0,
                                                    "component_timeout_s": COMPONENT_TIMEOUT_S})
     here = Path(__file__).with_name("faulty_model.py")
