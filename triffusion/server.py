@@ -101,6 +101,17 @@ def server_env() -> dict[str, str]:
     return env
 
 
+def _wait_group_gone(pgid: int, timeout_s: float = 5.0) -> None:
+    """Until every process of the group has been reaped (stubs orphaned by a dead server go to init)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)  # reaping happens in another process; there is nothing to wait on
+
+
 ADMIN_APIS = "model-repository,shared-memory,logging,trace"  # need the admin key
 SHM = Path("/dev/shm")
 
@@ -262,6 +273,7 @@ class TritonServer:
                 os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            _wait_group_gone(pgid)
         self._remove_shm()
 
     def _remove_shm(self) -> None:

@@ -38,14 +38,20 @@ class FaultServer:
         return self.server.process.pid
 
 
-def fault_repository(source: Path, dest: Path) -> Path:
-    # The baselines are benchmark models: leave them out (each is a diffusers pipeline in memory).
+def lean_repository(source: Path, dest: Path) -> Path:
+    """The tiny repository without the baselines (benchmark models, each a diffusers pipeline in memory:
+    without them the server starts, and restarts, faster)."""
     shutil.copytree(source, dest, ignore=shutil.ignore_patterns(contract.BASELINE_SEQUENTIAL,
                                                                   contract.BASELINE_BATCHING))
     pipeline = json.loads((dest / contract.ORCHESTRATOR / "1" / "pipeline.json").read_text())
     pipeline.pop("baselines", None)
     write_repository(dest, pipeline, orchestrator={"max_active": 4, "max_queue": 32, "cascade_threshold": 0.0,
                                                    "component_timeout_s": COMPONENT_TIMEOUT_S})
+    return dest
+
+
+def fault_repository(source: Path, dest: Path) -> Path:
+    lean_repository(source, dest)
     here = Path(__file__).with_name("faulty_model.py")
     for model in WRAPPED:
         version = dest / model / "1"

@@ -61,7 +61,9 @@ def metric(server, name: str) -> float:
 
 @pytest.fixture
 def serve(tiny_repository, tmp_path):
-    server = Serve(tiny_repository, tmp_path / "serve.log")
+    from .conftest import lean_repository
+
+    server = Serve(lean_repository(tiny_repository, tmp_path / "repo"), tmp_path / "serve.log")
     yield server
     server.close()
 

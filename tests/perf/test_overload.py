@@ -114,12 +114,12 @@ def test_cli_unreachable_server_is_one_error_line_and_exit_2():
 
 
 def test_burst_far_beyond_capacity_rejects_some_serves_some_and_accounts_for_all(server):
-    # Four slots serve roughly ten to fifteen 10-step 64x64 requests a second here. About 75 arriving within
-    # 0.4 s cannot all be taken: admission rejects what it predicts past the 3 s SLO and, should it admit too
-    # many, the 4 slots + 32 queue places bound it. The first ones find the server idle and finish in about
-    # a second even on a busy shared CPU, so some meet the SLO.
-    arrivals = burst_arrivals(12, 16, 0.4, seed=0)
-    requests = [{"prompt": f"burst {i}", "steps": 10, "seed": i, "slo_ms": 3000} for i in range(len(arrivals))]
+    # Four slots serve roughly ten to thirty 30-step 64x64 requests a second here. About 150 arriving
+    # within 0.4 s cannot all be taken: admission rejects what it predicts past the 3 s SLO and, should it
+    # admit too many, the 4 slots + 32 queue places bound it. The first ones find the server idle and
+    # finish in about a second even on a busy shared CPU, so some meet the SLO.
+    arrivals = burst_arrivals(12, 32, 0.4, seed=0)
+    requests = [{"prompt": f"burst {i}", "steps": 30, "seed": i, "slo_ms": 3000} for i in range(len(arrivals))]
     result = asyncio.run(run_load(server.grpc, requests, arrivals))
     summary = result.summary()
     print(json.dumps(summary))
@@ -132,7 +132,7 @@ def test_burst_far_beyond_capacity_rejects_some_serves_some_and_accounts_for_all
     rejected = [r for r in result.records if r.outcome == "rejected"]
     assert all(r.message.startswith("UNAVAILABLE: ") for r in rejected)
     served = [r for r in result.records if r.outcome in ("ok", "late")]
-    assert all(r.steps_done == 10 and r.unet == "unet" for r in served)
+    assert all(r.steps_done == 30 and r.unet == "unet" for r in served)
     # asyncio may wake a timer up to its clock resolution early: a millisecond of slack on the send time.
     for r in result.records:
         assert 0 <= r.arrival_s <= r.sent_s + 1e-3 and r.sent_s <= r.finished_s <= result.duration_s
