@@ -29,7 +29,7 @@ $(VENV)/.perf_analyzer: perf/install_perf_analyzer.sh $(VENV)/.installed
 perf-analyzer: $(VENV)/.perf_analyzer
 
 export: install
-	$(BIN)/python -m triffusion.export build --preset tiny --unet-variant tiny-lite --cascade tiny-lite --baselines --out $(REPO)
+	$(BIN)/python -m triffusion.export build --registry registry.example.yaml --family tiny --baselines --out $(REPO)
 
 serve: export
 	$(BIN)/triffusion serve --repo $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)

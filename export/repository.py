@@ -81,6 +81,9 @@ def default_limits(pipeline: dict) -> dict:
     if pipeline.get("cascade"):
         unets.append(contract.CASCADE)
     limits = {"size_multiple": pipeline["vae_scale_factor"] * pipeline.get("latent_multiple", 1), "unets": unets}
+    classes = (pipeline.get("registry") or {}).get("slo_classes")
+    if classes:
+        limits["slo_classes"] = classes
     limits.update(pipeline.get("limits", {}))
     return limits
 

@@ -4,8 +4,13 @@ threshold, the step budget and the split of GPUs between variants as demand chan
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,7 +56,8 @@ class Decision:
 
 def feasible_split(option: Option, demand: float, gpus: int, utilization: float) -> tuple[int, int] | None:
     """Fewest heavy GPUs that carry the escalated load, the rest light; None if the light load then
-    does not fit. Closed form: light needs demand*light_s, heavy demand*escalation*heavy_s GPU-s/s."""
+    does not fit. Closed form: light needs demand*light_s, heavy demand*escalation*heavy_s GPU-s/s.
+    (`choose` solves a MILP; this exact form checks the one option the solver picked.)"""
     heavy_load = demand * option.escalation * option.heavy_s
     heavy = math.ceil(heavy_load / utilization - 1e-12) if heavy_load > 0 else 0
     light = gpus - heavy
@@ -60,17 +66,116 @@ def feasible_split(option: Option, demand: float, gpus: int, utilization: float)
     return light, heavy
 
 
+def _ranks(values) -> list[int]:
+    """Dense ranks, 0 for the smallest; equal values share a rank."""
+    index = {value: i for i, value in enumerate(sorted(set(values)))}
+    return [index[value] for value in values]
+
+
 def choose(options: list[Option], demand: float, gpus: int, utilization: float = 0.8) -> Decision | None:
-    """Highest quality operating point whose load fits the GPUs (ties: fewer heavy GPUs, then fewer steps)."""
-    best = None
-    for option in options:
-        split = feasible_split(option, demand, gpus, utilization)
-        if split is None:
+    """The controller's mixed-integer program (DiffServe), solved by HiGHS through scipy.optimize.milp.
+
+    Variables: x_i in {0, 1} per operating point, sum x_i = 1. With gpus >= 2, integer GPU counts L, H
+    (L + H <= gpus), each model on GPUs of its own:
+        sum_i demand * light_s_i * x_i <= utilization * L             (the light model sees every query)
+        sum_i demand * escalation_i * heavy_s_i * x_i <= utilization * H   (the heavy one the escalated)
+        L >= x_i, H >= x_i for the options that put load on that model (a loaded model needs a GPU).
+    With gpus == 1 both models time-share the one device: continuous shares a_L + a_H <= 1 in place of
+    L and H in the same two load rows.
+    Objective: maximise quality; ties go to fewer heavy GPUs (one device: the smaller heavy share), then
+    to fewer steps. The tie-break terms are weighted so that they can never outweigh a quality
+    difference, however small: each term is the option's dense rank in that key (integers), scaled by
+    one more than the largest value the terms after it can take, so the objective is lexicographic and
+    exact rather than subject to the solver's tolerance on small epsilons.
+
+    The decision: gpus >= 2: light_gpus = gpus - H (every GPU the heavy model does not need serves the
+    light one), heavy_gpus = H. gpus == 1: light_gpus = 1, heavy_gpus = 1 when the heavy model shares the
+    device (anything escalates) else 0; `inputs` carry light_share and heavy_share (heavy: the share its
+    load needs at `utilization`; light: the rest). None when no option fits (or no GPU)."""
+    if not options or gpus < 1:
+        return None
+    from scipy.optimize import Bounds, LinearConstraint, milp  # imported on first use: ~0.5 s
+
+    n, shared = len(options), gpus == 1
+    light_load = np.array([demand * o.light_s for o in options], dtype=np.float64)
+    heavy_load = np.array([demand * o.escalation * o.heavy_s for o in options], dtype=np.float64)
+    quality, steps = _ranks([o.quality for o in options]), _ranks([o.steps for o in options])
+    step_span = max(steps) + 1
+    if shared:  # ties: the smaller heavy load (its share), then fewer steps; a_H itself weighs < 1
+        heavy_rank = _ranks(heavy_load.tolist())
+        top = (max(heavy_rank) + 1) * step_span
+        cost = np.array([-q * top + h * step_span + s for q, h, s in zip(quality, heavy_rank, steps)] + [0.0, 0.5])
+    else:  # ties: fewer heavy GPUs (H <= gpus), then fewer steps
+        top = (gpus + 1) * step_span
+        cost = np.array([-q * top + s for q, s in zip(quality, steps)] + [0.0, float(step_span)])
+    # Rows over [x_0 .. x_n-1, L, H] (one device: [x.., a_L, a_H]).
+    rows, low, high = [], [], []
+
+    def row(coefficients, lo, hi):
+        rows.append(coefficients)
+        low.append(lo)
+        high.append(hi)
+
+    row([1.0] * n + [0.0, 0.0], 1.0, 1.0)  # exactly one operating point
+    row([0.0] * n + [1.0, 1.0], 0.0, 1.0 if shared else float(gpus))  # the device(s) split between models
+    row(list(light_load / utilization) + [-1.0, 0.0], -np.inf, 0.0)
+    row(list(heavy_load / utilization) + [0.0, -1.0], -np.inf, 0.0)
+    if not shared:
+        row([-float(load > 0) for load in light_load] + [1.0, 0.0], 0.0, np.inf)
+        row([-float(load > 0) for load in heavy_load] + [0.0, 1.0], 0.0, np.inf)
+    integrality = np.array([1] * n + ([0, 0] if shared else [1, 1]))
+    upper = np.array([1.0] * n + ([1.0, 1.0] if shared else [float(gpus)] * 2))
+    inputs = {"demand": demand, "gpus": gpus, "utilization": utilization, "solver": "milp"}
+    # HiGHS accepts a point within ~1e-6 of integral and feasible: the option it picks is checked in exact
+    # arithmetic, and a pick that only its tolerance made feasible is cut off (excluded, or its heavy GPU
+    # count pinned to the exact need) and the program solved again. In practice the first answer stands.
+    for _ in range(2 * n + 1):
+        result = milp(cost, integrality=integrality, bounds=Bounds(np.zeros(n + 2), upper),
+                      constraints=LinearConstraint(np.array(rows), np.array(low), np.array(high)),
+                      options={"mip_rel_gap": 0.0, "time_limit": 10.0})
+        if result.x is None:
+            if result.status != 2:  # 2: infeasible; anything else is the solver's failure, not overload
+                log.warning("cascade controller: the MILP has no solution (%s); nothing chosen", result.message)
+            return None
+        i = int(np.argmax(result.x[:n]))
+        option = options[i]
+        if shared:
+            if light_load[i] + heavy_load[i] <= utilization + 1e-12:
+                heavy_share = float(heavy_load[i] / utilization)
+                return Decision(option, 1, int(heavy_load[i] > 0),
+                                inputs={**inputs, "light_load": float(light_load[i]),
+                                        "heavy_load": float(heavy_load[i]), "light_share": 1.0 - heavy_share,
+                                        "heavy_share": heavy_share})
+            upper[i] = 0.0
             continue
-        key = (option.quality, -split[1], -option.steps)
-        if best is None or key > best[0]:
-            best = (key, Decision(option, *split, inputs={"demand": demand, "gpus": gpus, "utilization": utilization}))
-    return best[1] if best else None
+        heavy = int(round(result.x[n + 1]))
+        split = feasible_split(option, demand, gpus, utilization)
+        if split is not None and split[1] == heavy:
+            return Decision(option, *split, inputs={**inputs, "light_load": float(light_load[i]),
+                                                    "heavy_load": float(heavy_load[i])})
+        if split is None:
+            upper[i] = 0.0
+        else:  # H = exact need when x_i = 1: H >= h x_i and H <= h + gpus (1 - x_i)
+            unit = [0.0] * n
+            unit[i] = -float(split[1])
+            row(unit + [0.0, 1.0], 0.0, np.inf)
+            unit = [0.0] * n
+            unit[i] = float(gpus)
+            row(unit + [0.0, 1.0], -np.inf, float(split[1] + gpus))
+    return None
+
+
+def _overloaded(option: Option, demand: float, gpus: int, utilization: float) -> Decision:
+    """Nothing fits: the cheapest option on every GPU (one device: shares in proportion to the loads)."""
+    inputs = {"demand": demand, "gpus": gpus, "utilization": utilization, "overloaded": True}
+    if gpus != 1:
+        return Decision(option, gpus, 0, inputs=inputs)
+    light_load, heavy_load = demand * option.light_s, demand * option.escalation * option.heavy_s
+    total = light_load + heavy_load
+    heavy_share = heavy_load / total if total > 0 else 0.0
+    return Decision(option, 1, int(heavy_load > 0),
+                    inputs={**inputs, "light_load": light_load, "heavy_load": heavy_load,
+                            "light_share": 1.0 - heavy_share, "heavy_share": heavy_share})
 
 
 @dataclass
@@ -108,8 +213,7 @@ class LoadController:
         decision = choose(self.options, self.demand, self.gpus, self.utilization)
         if decision is None:  # nothing fits: the cheapest option sheds the least
             cheapest = min(self.options, key=lambda o: o.light_s + o.escalation * o.heavy_s)
-            decision = Decision(cheapest, self.gpus, 0, inputs={"demand": self.demand, "gpus": self.gpus,
-                                                                  "utilization": self.utilization, "overloaded": True})
+            decision = _overloaded(cheapest, self.demand, self.gpus, self.utilization)
         self.last = decision
         return decision
 

@@ -12,12 +12,14 @@ from .params import Limits
 from .patches import PatchGrid
 from .policies import POLICIES, create_policy
 from .predictor import LatencyPredictor
+from .quality import StepProfile
 from .runner import PipelineSpec, Runner
 from .scheduler import Cascade, StepScheduler
 
 HYBRID = ("bucket", "patch", "auto")
 UNET_EXECUTORS = ("bls", "inprocess")
 RUNTIMES = ("onnxruntime", "torch")
+SWITCH = ("on", "off")
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,14 @@ class OrchestratorConfig:
     cascade_threshold: float | None = None  # a fixed gate threshold; None: the pipeline's, or the controller's
     controller_interval_s: float = 5.0
     controller_gpus: int = 1
+    # Features, on in service; the SLO benchmark turns one off at a time to measure what each adds.
+    admission: str = "on"  # SLO admission control (reject what cannot meet its SLO, degrade steps to meet it)
+    auto_steps: str = "on"  # step_mode auto: the entropy stop and the SLO class's quality floor
+    cascade_routing: str = "on"  # unet=cascade starts on the light model; off: the heavy model answers
 
     def __post_init__(self):
-        checks = {"policy": tuple(POLICIES), "hybrid": HYBRID, "unet_executor": UNET_EXECUTORS, "runtime": RUNTIMES}
+        checks = {"policy": tuple(POLICIES), "hybrid": HYBRID, "unet_executor": UNET_EXECUTORS, "runtime": RUNTIMES,
+                  "admission": SWITCH, "auto_steps": SWITCH, "cascade_routing": SWITCH}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"orchestrator parameter {name}: '{getattr(self, name)}' is unknown; "
@@ -138,10 +145,11 @@ def unets_of(pipeline: dict) -> dict[str, str]:
 
 def build_scheduler(config: OrchestratorConfig, *, profile: dict | None = None, models=(), entropy: dict | None = None,
                     cascade: Cascade | None = None, threshold: float = 0.5, controller: LoadController | None = None,
-                    latent_scale: int = 8) -> StepScheduler:
+                    latent_scale: int = 8, step_quality: dict | None = None) -> StepScheduler:
     """The scheduler the server runs for `config` (the simulator builds its GPUs' schedulers here too): a
     latency predictor seeded by the profile measured at export (refined online from every call), the policy,
-    the patch grid, the entropy thresholds of every UNet in `models`, and the cascade."""
+    the patch grid, the entropy thresholds of every UNet in `models`, the step-quality profiles
+    (pipeline.json `step_quality`, from `python -m perf.profile_steps`), and the cascade."""
     predictor = LatencyPredictor()
     if profile:
         predictor.seed(profile)
@@ -150,7 +158,10 @@ def build_scheduler(config: OrchestratorConfig, *, profile: dict | None = None, 
                          policy=policy, predictor=predictor, hybrid=config.hybrid,
                          patch_grid=PatchGrid(config.patch, config.halo), latent_scale=latent_scale,
                          cascade=cascade, threshold=threshold, controller=controller,
-                         entropy={name: dict(entropy or {}) for name in models})
+                         entropy={name: dict(entropy or {}) for name in models},
+                         step_profiles={m: StepProfile.from_dict(p) for m, p in (step_quality or {}).items()},
+                         admission=config.admission == "on", auto_steps=config.auto_steps == "on",
+                         cascade_routing=config.cascade_routing == "on")
 
 
 def build_engine(config: OrchestratorConfig, pipeline: dict, executor, *, profile: dict | None = None,
@@ -161,7 +172,7 @@ def build_engine(config: OrchestratorConfig, pipeline: dict, executor, *, profil
     entropy = {**(pipeline.get("registry", {}).get("entropy") or {}), **config.entropy}
     scheduler = build_scheduler(config, profile=profile, models=unets_of(pipeline).values(), entropy=entropy,
                                 cascade=cascade, threshold=threshold, controller=controller,
-                                latent_scale=spec.vae_scale_factor)
+                                latent_scale=spec.vae_scale_factor, step_quality=pipeline.get("step_quality"))
     options = {} if clock is None else {"clock": clock}
     runner = Runner(executor, spec, device=config.engine_device, patch_grid=scheduler.patch_grid,
                     max_decode_batch=config.max_decode_batch or None, **options)

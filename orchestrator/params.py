@@ -39,6 +39,8 @@ class Limits:
     max_priority: int = 9
     sizes: tuple | None = None  # (height, width) pairs the engines were built for; None = any in range
     unets: tuple = ("default",)  # UNet variants served: "default" and the presets exported beside it
+    # Named service levels (registry slo_classes): {name: {"slo_ms", "priority"?, "min_quality"?}}
+    slo_classes: dict | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Limits":
@@ -73,6 +75,8 @@ class GenerationParams:
     step_mode: str = "fixed"  # "auto": the server picks the step count (up to `steps`) that meets slo_ms
     preview_every: int = 0  # with stream: a low-resolution preview every this many steps (0 = none)
     unet: str = "default"  # UNet variant
+    slo_class: str | None = None  # a served SLO class; it set slo_ms, priority and min_quality
+    min_quality: float | None = None  # quality floor (0..1 on the served step-quality profile) from the class
 
     @property
     def uses_cfg(self) -> bool:
@@ -169,12 +173,22 @@ def parse_params(raw: Mapping[str, Any], limits: Limits, count_tokens=None) -> G
     seed = secrets.randbelow(2**31) if seed is None else _int("seed", seed)
     _in_range("seed", seed, 0, limits.max_seed)
 
-    # 4. Service level: latency objective, priority, and how far steps may drop to meet it.
-    slo_ms = raw.get("slo_ms")
+    # 4. Service level: a class (its latency objective, priority and quality floor, unless the request sets
+    #    them), priority, and how far steps may drop to meet it.
+    slo_class = raw.get("slo_class")
+    level: dict = {}
+    if slo_class is not None:
+        slo_class = _text("slo_class", slo_class, limits)
+        classes = limits.slo_classes or {}
+        if slo_class not in classes:
+            raise InvalidRequest("slo_class", f"'{slo_class}' is not served; allowed: "
+                                              f"{', '.join(sorted(classes)) or 'none (the server has no SLO classes)'}")
+        level = classes[slo_class]
+    slo_ms = raw.get("slo_ms", level.get("slo_ms"))
     if slo_ms is not None:
         slo_ms = _int("slo_ms", slo_ms)
         _in_range("slo_ms", slo_ms, 1, limits.max_slo_ms)
-    priority = _int("priority", raw.get("priority", 0))
+    priority = _int("priority", raw.get("priority", level.get("priority", 0)))
     _in_range("priority", priority, 0, limits.max_priority)
     min_steps = raw.get("min_steps")
     if min_steps is not None:
@@ -188,8 +202,18 @@ def parse_params(raw: Mapping[str, Any], limits: Limits, count_tokens=None) -> G
     step_mode = _text("step_mode", raw.get("step_mode") or "fixed", limits)
     if step_mode not in STEP_MODES:
         raise InvalidRequest("step_mode", f"'{step_mode}' is unknown; allowed: {', '.join(STEP_MODES)}")
+    min_quality = raw.get("min_quality", level.get("min_quality"))
+    if min_quality is not None:
+        try:
+            min_quality = float(min_quality)
+        except (TypeError, ValueError):
+            raise InvalidRequest("min_quality", f"{min_quality!r} is not a number; allowed 0..1") from None
+        if min_quality != min_quality:
+            raise InvalidRequest("min_quality", "is NaN; allowed 0..1")
+        _in_range("min_quality", min_quality, 0.0, 1.0)
 
     return GenerationParams(prompt=prompt, negative_prompt=negative, steps=steps,
                             guidance_scale=guidance, seed=seed, scheduler=scheduler,
                             stream=bool(raw.get("stream", False)), slo_ms=slo_ms, priority=priority,
-                            min_steps=min_steps, step_mode=step_mode, preview_every=preview_every, unet=unet, **size)
+                            min_steps=min_steps, step_mode=step_mode, preview_every=preview_every, unet=unet,
+                            slo_class=slo_class, min_quality=min_quality, **size)

@@ -42,6 +42,19 @@ class StepProfile:
     def seconds_at(self, steps: int) -> float:
         return self._interp(self.seconds, steps, extrapolate=True)
 
+    def min_steps_for(self, min_quality: float) -> int | None:
+        """The fewest steps whose profiled quality reaches min_quality (never fewer than the fewest profiled:
+        below them the curve is unknown); None when even the most profiled steps fall short."""
+        for steps in range(self.steps[0], self.steps[-1] + 1):
+            if self.quality_at(steps) >= min_quality:
+                return steps
+        return None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StepProfile":
+        return cls(tuple(int(s) for s in data["steps"]), tuple(float(q) for q in data["quality"]),
+                   tuple(float(t) for t in data["seconds"]))
+
 
 @dataclass(frozen=True)
 class StepChoice:

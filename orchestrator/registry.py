@@ -120,6 +120,14 @@ def parse_registry(data: dict, presets: set[str] | None = None) -> Registry:
         slo = _require(cbody, "slo_ms", int, cpath)
         if slo <= 0:
             raise RegistryError(f"{cpath}.slo_ms: {slo} is out of range; allowed > 0")
+        if "min_quality" in cbody:
+            quality = _require(cbody, "min_quality", (int, float), cpath)
+            if not 0 <= quality <= 1:
+                raise RegistryError(f"{cpath}.min_quality: {quality} is out of range; allowed 0..1")
+        if "priority" in cbody:
+            priority = _require(cbody, "priority", int, cpath)
+            if not 0 <= priority <= 9:
+                raise RegistryError(f"{cpath}.priority: {priority} is out of range; allowed 0..9")
     return Registry(families, slo_classes)
 
 

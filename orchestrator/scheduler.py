@@ -92,7 +92,9 @@ class StepScheduler:
                  policy: Policy | None = None, predictor: LatencyPredictor | None = None,
                  hybrid: str = "bucket", patch_grid: PatchGrid | None = None, latent_scale: int = 8,
                  max_patch_rows: int | None = None, cascade: Cascade | None = None, threshold: float = 0.5,
-                 controller: LoadController | None = None, entropy: dict[str, dict] | None = None):
+                 controller: LoadController | None = None, entropy: dict[str, dict] | None = None,
+                 step_profiles: dict | None = None, admission: bool = True, auto_steps: bool = True,
+                 cascade_routing: bool = True):
         if hybrid not in ("bucket", "patch", "auto"):
             raise ValueError(f"unknown hybrid mode '{hybrid}'; choose one of: bucket, patch, auto")
         if hybrid != "bucket" and patch_grid is None:
@@ -108,6 +110,11 @@ class StepScheduler:
         self.controller = controller if cascade else None
         self.step_budget: int | None = None
         self.entropy = entropy or {}  # model -> EntropyStop thresholds (step_mode "auto")
+        self.step_profiles = step_profiles or {}  # model -> StepProfile (quality and time against steps)
+        # Feature switches (on in service; the SLO benchmark's ablations turn one off at a time):
+        self.admission = admission  # SLO admission control and degradation to meet an SLO
+        self.auto_steps = auto_steps  # step_mode auto: entropy stop and the quality floor's step choice
+        self.cascade_routing = cascade_routing  # cascade requests start light; off: they run on the heavy model
         self.waiting: list[RequestState] = []
         self.running: list[RequestState] = []
         self._restart: list[RequestState] = []
@@ -130,9 +137,16 @@ class StepScheduler:
         self._seq += 1
         state.arrival = now if state.received is None else min(state.received, now)
         state.seq = self._seq
+        if state.cascade and (not self.cascade_routing or self.cascade is None):
+            state.cascade = False
+            if self.cascade is not None:
+                state.model = self.cascade.heavy
+        if not self.auto_steps:
+            state.params.step_mode = "fixed"
+        state.quality_steps = self._quality_steps(state)
         if state.cascade and self.step_budget and state.params.steps > self.step_budget:
-            self._serve_steps(state, self.step_budget)
-        if state.deadline is not None:
+            self._serve_steps(state, max(self.step_budget, min(state.quality_steps, state.params.steps)))
+        if state.deadline is not None and self.admission:
             self._admit_within_slo(state, now)
         state.enter(Status.QUEUED, now)
         self.waiting.append(state)
@@ -146,9 +160,19 @@ class StepScheduler:
         if state.params.min_steps is not None:
             state.params.min_steps = min(state.params.min_steps, steps)
 
+    def _quality_steps(self, state: RequestState) -> int:
+        """The fewest steps that reach the request's quality floor on its model's step-quality profile (0 when it
+        has no floor or the model no profile; the requested steps when even the profile's most fall short)."""
+        profile = self.step_profiles.get(state.model)
+        if state.params.min_quality is None or profile is None or not self.auto_steps:
+            return 0
+        steps = profile.min_steps_for(state.params.min_quality)
+        return state.params.steps if steps is None else min(steps, state.params.steps)
+
     def _admit_within_slo(self, state: RequestState, now: float) -> None:
         params = state.params
         floor = params.min_steps or (1 if params.step_mode == "auto" else params.steps)
+        floor = max(floor, min(state.quality_steps, params.steps))  # never below the quality floor
         for steps in range(params.steps, floor - 1, -1):
             finish, victim = self.predict_admission(state, now, steps)
             if victim is not None:
@@ -288,7 +312,7 @@ class StepScheduler:
                 continue
             state.steps_target = state.evaluations = evaluations
             if state.params.step_mode == "auto":
-                state.stopper = EntropyStop(**self.entropy.get(state.model, {}))
+                state.stopper = EntropyStop(**self.entropy.get(state.model, {}), min_steps=state.quality_steps)
             state.enter(Status.DENOISING, now)
         # 3. Stepped requests advance; an early stop is decided from the entropy the runner measured.
         for state, entropy in output.stepped.items():
@@ -333,7 +357,8 @@ class StepScheduler:
         state.steps_done, state.last_step_pending, state.early_stop = 0, False, False
         state.steps_target = state.evaluations  # an early stop on the light model shortened it
         if state.stopper is not None:
-            state.stopper = EntropyStop(**self.entropy.get(state.model, {}))
+            state.quality_steps = self._quality_steps(state)
+            state.stopper = EntropyStop(**self.entropy.get(state.model, {}), min_steps=state.quality_steps)
         state.enter(Status.DENOISING, now)
         self._restart.append(state)
 

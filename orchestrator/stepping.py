@@ -24,13 +24,15 @@ class EntropyStop:
     threshold: float = 0.01
     patience: int = 2
     min_fraction: float = 0.4
+    min_steps: int = 0  # and not before this many (the request's quality floor on the step-quality profile)
     history: list[float] = field(default_factory=list)
 
     def observe(self, entropy: float, steps_done: int, steps_total: int) -> bool:
         """Record the latent's entropy after a step (the runner measures it with `latent_entropy`); True
         when the remaining steps can be skipped."""
         self.history.append(float(entropy))
-        if steps_done < max(1, int(self.min_fraction * steps_total)) or len(self.history) <= self.patience:
+        if (steps_done < max(1, int(self.min_fraction * steps_total), self.min_steps)
+                or len(self.history) <= self.patience):
             return False
         recent = self.history[-(self.patience + 1):]
         return all(abs(b - a) < self.threshold for a, b in zip(recent, recent[1:]))

@@ -5,15 +5,21 @@ as its own Triton model (one BLS round trip per step) and with the UNet in the o
 
 BLS overhead = time the engine spent in UNet calls (triffusion_stage_seconds{stage="unet"}) minus the
 unet model's own compute (Triton statistics), over that compute. Throughput of both modes is printed
-side by side."""
+side by side.
+
+Rows per UNet call are measured, not assumed: rows_per_call_measured is the mean of
+triffusion_unet_batch_rows over the measured burst (delta of its _sum over the delta of its _count) and
+calls_by_rows counts the burst's UNet calls per row count (the rows labels of triffusion_unet_call_seconds).
+rows_per_call_intended (2 x jobs: every request with classifier-free guidance in one call) is what the run
+aimed at; when the two differ the row says so in rows_note (requests arrive and finish a few steps apart)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import platform
-import re
 import shutil
+import sys
 import tempfile
 import time
 import urllib.request
@@ -24,10 +30,9 @@ from triffusion.client import generate
 from triffusion.export.repository import write_repository
 from triffusion.server import TritonServer, free_port
 
-
-def metric_sum(text: str, name: str, labels: str) -> float:
-    match = re.search(rf"^{name}{{{labels}}} ([0-9.e+-]+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
+if not __package__:  # run as `python perf/orchestration_overhead.py`: the repository root holds perf/
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from perf import metrics_text  # noqa: E402
 
 
 def unet_compute_s(http: str) -> float:
@@ -36,36 +41,59 @@ def unet_compute_s(http: str) -> float:
     return sum(int(s[k]["ns"]) for k in ("compute_input", "compute_infer", "compute_output")) / 1e9
 
 
+def rows_fields(before: dict, after: dict, intended: int) -> dict:
+    """Rows per UNet call over a burst, from two /metrics scrapes, beside the rows the burst aimed at."""
+    rows = metrics_text.unet_rows_between(before, after)
+    measured = rows["rows_per_call"]
+    fields = {"rows_per_call_measured": measured, "rows_per_call_intended": intended,
+              "calls_by_rows": rows["calls_by_rows"]}
+    if measured is None:
+        fields["rows_note"] = "no UNet call was observed in /metrics during the burst"
+    elif abs(measured - intended) >= 0.005:
+        full = rows["calls_by_rows"].get(str(intended), 0)
+        fields["rows_note"] = (f"measured {measured} rows per call, not the intended {intended}: {full} of "
+                               f"{rows['unet_calls']} UNet calls carried {intended} rows")
+    return fields
+
+
 def run_mode(repo: Path, mode: str, jobs: int, size: int, steps: int) -> dict:
-    work = Path(tempfile.mkdtemp()) / "repo"
+    scratch = Path(tempfile.mkdtemp())
+    try:
+        return _run_mode(repo, scratch / "repo", mode, jobs, size, steps)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_mode(repo: Path, work: Path, mode: str, jobs: int, size: int, steps: int) -> dict:
     shutil.copytree(repo, work)
     pipeline = json.loads((work / "orchestrator/1/pipeline.json").read_text())
     write_repository(work, pipeline, orchestrator={"unet_executor": mode, "max_active": jobs, "max_batch": 2 * jobs})
     server = TritonServer(work, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    one = lambda i, url: generate(f"overhead {i}", height=size, width=size, steps=steps, seed=i, url=url,
+                                  connect_timeout_s=None)
     with server:
         server.wait_ready(300)
         urls = server.urls
-        burst = lambda: list(ThreadPoolExecutor(jobs).map(
-            lambda i: generate(f"overhead {i}", height=size, width=size, steps=steps, seed=i, url=urls["grpc"]),
-            range(jobs)))
+
+        def burst():
+            with ThreadPoolExecutor(jobs) as pool:
+                return list(pool.map(lambda i: one(i, urls["grpc"]), range(jobs)))
+
         burst()  # warm-up
-        read = lambda: urllib.request.urlopen(urls["metrics"]).read().decode()
-        before, compute_before = read(), unet_compute_s(urls["http"])
+        before, compute_before = metrics_text.scrape(urls["metrics"]), unet_compute_s(urls["http"])
         start = time.perf_counter()
         results = burst()
         wall = time.perf_counter() - start
-        after, compute_after = read(), unet_compute_s(urls["http"])
-    unet_s = (metric_sum(after, "triffusion_stage_seconds_sum", 'stage="unet"')
-              - metric_sum(before, "triffusion_stage_seconds_sum", 'stage="unet"'))
-    calls = (metric_sum(after, "triffusion_stage_seconds_count", 'stage="unet"')
-             - metric_sum(before, "triffusion_stage_seconds_count", 'stage="unet"'))
+        after, compute_after = metrics_text.scrape(urls["metrics"]), unet_compute_s(urls["http"])
+    unet_s = metrics_text.delta(before, after, "triffusion_stage_seconds_sum", stage="unet")
+    calls = metrics_text.delta(before, after, "triffusion_stage_seconds_count", stage="unet")
     row = {"images_per_s": round(jobs / wall, 3), "wall_s": round(wall, 3), "unet_calls": int(calls),
-           "engine_unet_s": round(unet_s, 4), "rows_per_call": 2 * jobs,
+           "engine_unet_s": round(unet_s, 4), **rows_fields(before, after, 2 * jobs),
            "steps_done": sum(r.metadata["steps_done"] for r in results)}
     if mode == "bls":
         compute = compute_after - compute_before
         row["unet_model_compute_s"] = round(compute, 4)
-        row["bls_overhead_pct"] = round(100 * (unet_s - compute) / compute, 2)
+        row["bls_overhead_pct"] = round(100 * (unet_s - compute) / compute, 2) if compute > 0 else None
         row["bls_overhead_ms_per_call"] = round(1000 * (unet_s - compute) / max(calls, 1), 3)
     return row
 
@@ -73,7 +101,8 @@ def run_mode(repo: Path, mode: str, jobs: int, size: int, steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repo", default="build/model_repository")
-    ap.add_argument("--jobs", type=int, default=4, help="concurrent requests (UNet rows per call = 2 x jobs)")
+    ap.add_argument("--jobs", type=int, default=4,
+                    help="concurrent requests (UNet rows per call intended: 2 x jobs; measured ones are reported)")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out")
@@ -86,8 +115,12 @@ def main() -> None:
     bls, inproc = report["modes"]["bls"], report["modes"]["inprocess"]
     report["orchestration_overhead_pct"] = bls["bls_overhead_pct"]
     print(f"BLS per-step UNet calls cost {bls['bls_overhead_pct']}% over the UNet's compute "
-          f"({bls['bls_overhead_ms_per_call']} ms per call); in-process UNet: "
-          f"{inproc['images_per_s'] / bls['images_per_s']:.2f}x the throughput")
+          f"({bls['bls_overhead_ms_per_call']} ms per call at {bls['rows_per_call_measured']} rows per call, "
+          f"measured); in-process UNet: {inproc['images_per_s'] / bls['images_per_s']:.2f}x the throughput "
+          f"at {inproc['rows_per_call_measured']} rows per call")
+    for mode, row in report["modes"].items():
+        if "rows_note" in row:
+            print(f"{mode}: {row['rows_note']}", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 

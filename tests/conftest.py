@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,8 +19,11 @@ CASCADE_THRESHOLD = 1.01
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory):
     out = tmp_path_factory.mktemp("repo") / "model_repository"
-    subprocess.run([sys.executable, "-m", "triffusion.export", "build", "--preset", "tiny", "--out", str(out),
-                    "--unet-variant", "tiny-lite", "--cascade", "tiny-lite", "--baselines"], check=True)
+    # What `make serve` exports: the registry's tiny family (heavy and light UNets, the cascade, the SLO
+    # classes), plus the benchmark baselines.
+    registry = Path(__file__).resolve().parents[1] / "registry.example.yaml"
+    subprocess.run([sys.executable, "-m", "triffusion.export", "build", "--registry", str(registry), "--family", "tiny",
+                    "--out", str(out), "--baselines"], check=True)
     return out
 
 

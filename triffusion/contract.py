@@ -51,6 +51,7 @@ REQUEST_INPUTS = (
     TensorSpec("scheduler", "BYTES", (1,)),
     TensorSpec("stream", "BOOL", (1,)),  # send one progress response per denoising step
     TensorSpec("slo_ms", "INT32", (1,)),  # end-to-end latency objective; infeasible -> UNAVAILABLE at once
+    TensorSpec("slo_class", "BYTES", (1,)),  # a served SLO class: its slo_ms, priority and quality floor
     TensorSpec("priority", "INT32", (1,)),  # 0..9, higher first under the edf and priority policies
     TensorSpec("min_steps", "INT32", (1,)),  # may serve fewer steps, down to this, to meet slo_ms
     TensorSpec("step_mode", "BYTES", (1,)),  # "fixed" (default) or "auto"

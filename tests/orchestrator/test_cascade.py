@@ -1,11 +1,12 @@
-"""Cascade routing and escalation counts; controller optimality against brute-force enumeration."""
+"""Cascade routing and escalation counts; the controller's MILP against brute-force enumeration (GPUs of
+their own per model, and one device both models time-share); decisions that follow demand up and down."""
 
 import itertools
 import random
 
 import pytest
 
-from triffusion.orchestrator.cascade import CascadeRouter, Option, choose
+from triffusion.orchestrator.cascade import CascadeRouter, LoadController, Option, choose
 
 
 def test_router_escalates_below_threshold_and_counts():
@@ -15,7 +16,8 @@ def test_router_escalates_below_threshold_and_counts():
     assert (router.accepted, router.escalated, router.escalation_rate) == (3, 2, 0.4)
 
 
-def brute_force(options, demand, gpus, utilization):
+def brute_force(options, demand, gpus, utilization, with_key=False):
+    """GPUs of their own (gpus >= 2): every option and every light/heavy split."""
     best = None
     for option, light in itertools.product(options, range(gpus + 1)):
         heavy = gpus - light
@@ -31,7 +33,53 @@ def brute_force(options, demand, gpus, utilization):
         key = (option.quality, -needed_heavy, -option.steps)
         if best is None or key > best[0]:
             best = (key, option)
+    if with_key:
+        return best
     return best[1] if best else None
+
+
+def brute_force_shared(options, demand, utilization):
+    """One device both models time-share (gpus == 1): shares a_L + a_H <= 1 with demand * light_s <=
+    utilization * a_L and demand * escalation * heavy_s <= utilization * a_H. Every option, each with the
+    least heavy share that carries its heavy load and the rest of the device light."""
+    best = None
+    for option in options:
+        light_load, heavy_load = demand * option.light_s, demand * option.escalation * option.heavy_s
+        heavy_share = heavy_load / utilization
+        if heavy_share > 1 + 1e-12 or light_load > utilization * (1 - heavy_share) + 1e-12:
+            continue
+        key = (option.quality, -heavy_load, -option.steps)
+        if best is None or key > best[0]:
+            best = (key, option)
+    return best
+
+
+def random_options(rng, ties=False):
+    """Nine operating points; with `ties`, few distinct qualities, escalations and step counts, so the
+    tie-breaks (fewer heavy GPUs, then fewer steps) decide often."""
+    pick = (lambda values: rng.choice(values)) if ties else None
+    return [Option(threshold=t, steps=pick([10, 20]) if ties else s,
+                   escalation=pick([0.0, 0.2, 0.5]) if ties else rng.uniform(0, 1),
+                   quality=pick([0.2, 0.25, 0.3]) if ties else rng.uniform(0.2, 0.32),
+                   light_s=rng.uniform(0.2, 1.0) * s / 25, heavy_s=rng.uniform(0.5, 2.0) * s / 25)
+            for t in (0.3, 0.5, 0.7) for s in (15, 25, 50)]
+
+
+def assert_fits(decision, demand, gpus, utilization=0.8):
+    option = decision.option
+    light_load, heavy_load = demand * option.light_s, demand * option.escalation * option.heavy_s
+    if gpus == 1:
+        shares = decision.inputs
+        assert decision.light_gpus == 1 and decision.heavy_gpus == (1 if heavy_load > 0 else 0)
+        assert shares["light_share"] + shares["heavy_share"] <= 1 + 1e-9
+        assert light_load <= shares["light_share"] * utilization + 1e-9
+        assert heavy_load <= shares["heavy_share"] * utilization + 1e-9
+        assert shares["heavy_share"] == pytest.approx(heavy_load / utilization)  # the least that fits
+    else:
+        assert decision.light_gpus + decision.heavy_gpus == gpus
+        assert light_load <= decision.light_gpus * utilization + 1e-9
+        assert heavy_load <= decision.heavy_gpus * utilization + 1e-9
+    assert decision.inputs["solver"] == "milp"
 
 
 @pytest.mark.parametrize("seed", range(25))
@@ -42,12 +90,119 @@ def test_controller_is_optimal_on_small_cases(seed):
                for t in (0.3, 0.5, 0.7) for s in (15, 25, 50)]
     demand, gpus = rng.uniform(0.5, 12), rng.randint(1, 6)
     decision = choose(options, demand, gpus)
-    expected = brute_force(options, demand, gpus, 0.8)
-    assert (decision.option if decision else None) == expected
+    # One GPU: both models time-share it (continuous shares), not one GPU each.
+    expected = brute_force_shared(options, demand, 0.8) if gpus == 1 else brute_force(options, demand, gpus, 0.8,
+                                                                                      with_key=True)
+    assert (decision.option if decision else None) == (expected[1] if expected else None)
     if decision:
-        assert decision.light_gpus + decision.heavy_gpus == gpus
-        assert demand * decision.option.light_s <= decision.light_gpus * 0.8 + 1e-9
-        assert demand * decision.option.escalation * decision.option.heavy_s <= decision.heavy_gpus * 0.8 + 1e-9
+        assert_fits(decision, demand, gpus)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_milp_matches_brute_force_on_random_option_sets(seed):
+    """GPUs of their own (2-8) over random option sets, half of them full of ties: the MILP's pick has the
+    brute force's (quality, heavy GPUs, steps), and its split carries the load."""
+    rng = random.Random(1000 + seed)
+    options = random_options(rng, ties=seed % 2 == 1)
+    demand, gpus = rng.uniform(0.2, 16), rng.randint(2, 8)
+    decision = choose(options, demand, gpus)
+    expected = brute_force(options, demand, gpus, 0.8, with_key=True)
+    if expected is None:
+        assert decision is None
+        return
+    assert decision is not None
+    assert (decision.option.quality, -decision.heavy_gpus, -decision.option.steps) == expected[0]
+    assert_fits(decision, demand, gpus)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_one_shared_gpu_matches_brute_force(seed):
+    """One device: the MILP's shares against enumeration of options and shares (ties half the time)."""
+    rng = random.Random(2000 + seed)
+    options = random_options(rng, ties=seed % 2 == 1)
+    demand = rng.uniform(0.05, 3.0)
+    decision = choose(options, demand, 1)
+    expected = brute_force_shared(options, demand, 0.8)
+    if expected is None:
+        assert decision is None
+        return
+    assert decision is not None
+    option = decision.option
+    assert (option.quality, -demand * option.escalation * option.heavy_s, -option.steps) == expected[0]
+    assert_fits(decision, demand, 1)
+
+
+def test_ties_go_to_fewer_heavy_gpus_then_fewer_steps():
+    same = dict(quality=0.3, light_s=0.1)
+    a = Option(0.7, 20, escalation=0.5, heavy_s=1.0, **same)  # 2.0 heavy GPU-s/s at 4 req/s: 3 GPUs at 80%
+    b = Option(0.5, 30, escalation=0.3, heavy_s=1.0, **same)  # 1.2: 2 GPUs
+    c = Option(0.3, 20, escalation=0.25, heavy_s=1.0, **same)  # 1.0: 2 GPUs, fewer steps than b
+    decision = choose([a, b, c], demand=4.0, gpus=4)
+    assert decision.option == c and (decision.light_gpus, decision.heavy_gpus) == (2, 2)
+    # A hair more quality wins over any number of heavy GPUs and steps.
+    richer = Option(0.8, 50, escalation=0.5, heavy_s=1.0, light_s=0.1, quality=0.3 + 1e-9)
+    assert choose([a, b, c, richer], demand=4.0, gpus=4).option == richer
+    # One device: the smaller heavy share, then fewer steps.
+    assert choose([a, b, c], demand=0.5, gpus=1).option == c
+    d = Option(0.4, 10, escalation=0.25, heavy_s=1.0, **same)
+    assert choose([a, b, c, d], demand=0.5, gpus=1).option == d
+
+
+def test_one_device_reports_shares_and_whether_the_heavy_model_shares_it():
+    rich = Option(0.7, 20, escalation=0.5, quality=0.9, light_s=0.2, heavy_s=0.4)
+    never = Option(0.0, 20, escalation=0.0, quality=0.5, light_s=0.2, heavy_s=0.4)
+    decision = choose([rich, never], demand=2.0, gpus=1)  # 0.4 + 0.4 GPU-s/s: exactly the 80% of one device
+    assert decision.option == rich and (decision.light_gpus, decision.heavy_gpus) == (1, 1)
+    assert decision.inputs["heavy_share"] == pytest.approx(0.5) and decision.inputs["light_share"] == pytest.approx(0.5)
+    decision = choose([rich, never], demand=2.5, gpus=1)  # rich needs 1.0: only the light model fits
+    assert decision.option == never and (decision.light_gpus, decision.heavy_gpus) == (1, 0)
+    assert decision.inputs["heavy_share"] == 0.0 and decision.inputs["light_share"] == 1.0
+    assert choose([rich, never], demand=4.5, gpus=1) is None
+    assert choose([], demand=1.0, gpus=2) is None and choose([rich], demand=1.0, gpus=0) is None
+
+
+def test_choose_is_solved_by_scipy_milp(monkeypatch):
+    import scipy.optimize
+
+    calls = []
+    real = scipy.optimize.milp
+    monkeypatch.setattr(scipy.optimize, "milp", lambda *a, **k: calls.append(k) or real(*a, **k))
+    options = [Option(0.7, 50, 0.6, 0.31, 0.5, 1.5), Option(0.3, 25, 0.1, 0.26, 0.25, 0.75)]
+    # 0.6 req/s: 0.3 + 0.54 GPU-s/s; one GPU each carries it, one shared device (0.8) does not.
+    assert choose(options, demand=0.6, gpus=2).option == options[0]
+    assert choose(options, demand=0.6, gpus=1).option == options[1]
+    assert len(calls) == 2 and all(list(k["integrality"][:2]) == [1, 1] for k in calls)
+
+
+def feed(controller, start: float, rate: int) -> object:
+    """`rate` arrivals spread over [start, start + 1), then the decision at start + 1."""
+    for j in range(rate):
+        controller.observe_arrival(start + j / rate)
+    assert controller.due_at() == pytest.approx(start + 1.0)
+    return controller.decide(start + 1.0)
+
+
+@pytest.mark.parametrize("gpus, rates, picks, heavy", [
+    # Each GPU its own model: rich fits 1-8 req/s (heavy GPUs 1-3), mid 12, cheap 20.
+    (4, [1, 12, 20, 12, 1], ["rich", "mid", "cheap", "mid", "rich"], [1, 2, 1, 2, 1]),
+    # One shared device: rich carries up to 2.35 req/s, mid 3.6, cheap 11.4; 14 overloads it.
+    (1, [1, 3, 8, 14, 3, 1], ["rich", "mid", "cheap", "cheap", "mid", "rich"], [1, 1, 1, 1, 1, 1]),
+])
+def test_the_decision_follows_demand_up_and_down(gpus, rates, picks, heavy):
+    named = {"rich": Option(0.7, 20, escalation=0.6, quality=0.9, light_s=0.1, heavy_s=0.4),
+             "mid": Option(0.5, 20, escalation=0.3, quality=0.8, light_s=0.1, heavy_s=0.4),
+             "cheap": Option(0.3, 10, escalation=0.1, quality=0.6, light_s=0.05, heavy_s=0.2)}
+    controller = LoadController(list(named.values()), gpus=gpus, utilization=0.8, interval_s=1.0, alpha=1.0)
+    decisions = [feed(controller, float(t), rate) for t, rate in enumerate(rates)]
+    assert [d.option for d in decisions] == [named[p] for p in picks]
+    assert [d.heavy_gpus for d in decisions] == heavy
+    assert [d.inputs["demand"] for d in decisions] == rates
+    overloaded = [d.inputs.get("overloaded", False) for d in decisions]
+    assert overloaded == [rate == 14 for rate in rates]
+    if gpus == 1:  # the shares go with every decision, the overloaded one included
+        for d in decisions:
+            assert d.inputs["light_share"] + d.inputs["heavy_share"] == pytest.approx(1.0)
+        assert decisions[0].inputs["heavy_share"] == pytest.approx(1 * 0.6 * 0.4 / 0.8)
 
 
 def test_more_demand_lowers_quality_or_escalation():

@@ -19,7 +19,7 @@ def test_example_registry_loads():
     registry = load_registry(EXAMPLE, PRESETS)
     tiny = registry.families["tiny"]
     assert tiny.variants["light"].preset == "tiny-lite" and tiny.cascade["threshold"] == 0.5
-    assert registry.families["sd15"].default == "heavy" and registry.slo_classes["interactive"]["slo_ms"] == 3000
+    assert registry.families["sd15"].default == "heavy" and registry.slo_classes["interactive"]["slo_ms"] == 1500
 
 
 @pytest.mark.parametrize("edit, message", [
