@@ -84,9 +84,10 @@ def choose(options: list[Option], demand: float, gpus: int, utilization: float =
     L and H in the same two load rows.
     Objective: maximise quality; ties go to fewer heavy GPUs (one device: the smaller heavy share), then
     to fewer steps. The tie-break terms are weighted so that they can never outweigh a quality
-    difference, however small: each term is the option's dense rank in that key (integers), scaled by
-    one more than the largest value the terms after it can take, so the objective is lexicographic and
-    exact rather than subject to the solver's tolerance on small epsilons.
+    difference, however small: quality, steps (and on one device the heavy load) enter as the option's
+    dense rank in that key, H as itself, each scaled by one more than the largest value the terms after
+    it can take. The objective is then integer and lexicographic, exact where epsilons on raw qualities
+    would drown in the solver's tolerances (HiGHS: about 1e-6).
 
     The decision: gpus >= 2: light_gpus = gpus - H (every GPU the heavy model does not need serves the
     light one), heavy_gpus = H. gpus == 1: light_gpus = 1, heavy_gpus = 1 when the heavy model shares the

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, fields
 
+from triffusion.contract import TEXT_ENCODER_MAX_BATCH
+
 from .cascade import LoadController, options_from
 from .engine import Engine, Observer
 from .params import Limits
@@ -37,6 +39,7 @@ class OrchestratorConfig:
     component_timeout_s: float = 60.0  # a component call that takes longer fails its requests (UNAVAILABLE)
     best_effort_s: float = 30.0  # edf: a request without slo_ms is ordered as if due this long after arrival
     max_decode_batch: int = 0  # largest VAE batch (the engine's profile); 0: no limit
+    max_encode_rows: int = 0  # largest text-encoder batch in rows (the engine's profile); 0: its max_batch_size
     entropy_threshold: float | None = None  # step_mode auto; None: the registry's value or the default
     entropy_patience: int | None = None
     entropy_min_fraction: float | None = None
@@ -58,7 +61,7 @@ class OrchestratorConfig:
         for name in ("max_active", "max_queue", "max_batch", "patch", "controller_gpus"):
             if getattr(self, name) < 1:
                 raise ValueError(f"orchestrator parameter {name}: {getattr(self, name)} is out of range; allowed >= 1")
-        for name in ("halo", "max_decode_batch"):
+        for name in ("halo", "max_decode_batch", "max_encode_rows"):
             if getattr(self, name) < 0:
                 raise ValueError(f"orchestrator parameter {name}: {getattr(self, name)} is out of range; allowed >= 0")
         for name in ("component_timeout_s", "best_effort_s", "controller_interval_s"):
@@ -175,7 +178,8 @@ def build_engine(config: OrchestratorConfig, pipeline: dict, executor, *, profil
                                 latent_scale=spec.vae_scale_factor, step_quality=pipeline.get("step_quality"))
     options = {} if clock is None else {"clock": clock}
     runner = Runner(executor, spec, device=config.engine_device, patch_grid=scheduler.patch_grid,
-                    max_decode_batch=config.max_decode_batch or None, **options)
+                    max_decode_batch=config.max_decode_batch or None,
+                    max_encode_rows=config.max_encode_rows or TEXT_ENCODER_MAX_BATCH, **options)
     # Every call in an iteration has a deadline; a loop silent for longer than a few of them is wedged.
     engine = Engine(scheduler, runner, model=spec.model, observer=observer,
                     stuck_after_s=3 * config.component_timeout_s, **options)

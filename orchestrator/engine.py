@@ -82,6 +82,11 @@ class Engine:
                     "waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                     "closed": self.scheduler.closed is not None, "last_iteration_age_s": age}
 
+    def profile(self) -> dict:
+        """The latency model learned so far (profile.json's format) and the measured/predicted iteration scale."""
+        with self._cv:
+            return {**self.scheduler.predictor.to_profile(), "iteration_scale": self.scheduler.iteration_scale}
+
     # ---- loop ------------------------------------------------------------------------------
     def start(self) -> None:
         self.last_iteration = self.clock()
@@ -231,7 +236,8 @@ class Engine:
             "priority": p.priority,
             "degraded_from_steps": state.requested_steps,
             "cascade": ({"light": cascade.light, "score": state.gate_score, "threshold": router.threshold,
-                         "escalated": state.escalated, "gate_error": state.gate_error} if state.cascade else None),
+                         "escalated": state.escalated, "escalation_skipped": state.escalation_skipped,
+                         "gate_error": state.gate_error} if state.cascade else None),
             "timings_ms": {
                 "front": round((t["queued"] - state.arrival) * 1000.0, 3) if "queued" in t else None,
                 "queue": ms("queued", "encoding"),

@@ -61,6 +61,7 @@ class RequestState:
     escalated: bool = False  # the gate sent it to the heavy model
     gate_score: float | None = None
     gate_error: str | None = None  # the gate failed; the light answer was kept
+    escalation_skipped: bool = False  # the gate asked for the heavy model, too late to meet the deadline
     answered: bool = False  # its one final answer went to the sink
     cancel_requested: bool = False  # the client went away; it leaves at the next step boundary
 

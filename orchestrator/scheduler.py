@@ -337,8 +337,12 @@ class StepScheduler:
                 state.gate_error = output.gate_errors.get(state)
                 update.routed.append(state)
                 if state.gate_score is not None and self.router.route(state.gate_score) == "heavy":
-                    self._escalate(state, now)
-                    continue
+                    if self._heavy_in_time(state, now):
+                        self._escalate(state, now)
+                        continue
+                    # The heavy redo cannot finish before the deadline: the light answer, on time, beats a
+                    # better one that is late (the metadata says the escalation was skipped).
+                    state.escalation_skipped = True
             self._end(state, Status.FINISHED, None, now, update)
         # 5. The predictor learns from every call the runner timed.
         for (model, h, w), rows, seconds in output.unet_calls:
@@ -349,6 +353,18 @@ class StepScheduler:
         if stepped and output.denoise_s > 0:
             self.observe_iteration(stepped, output.denoise_s)
         return update
+
+    def _heavy_in_time(self, state: RequestState, now: float) -> bool:
+        """Whether the heavy model can redo the request before its deadline, running beside the others."""
+        if state.deadline is None:
+            return True
+        heavy = (self.cascade.heavy, state.params.height, state.params.width)
+        others = [s for s in self.running if s is not state]
+        rows = sum(s.unet_rows for s in others if s.bucket == heavy) + state.unet_rows
+        t_step = (self.iteration_time(others) - self.iteration_time([s for s in others if s.bucket == heavy])
+                  + self.predictor.unet_step(*heavy, min(rows, self.max_batch))) * self.iteration_scale
+        finish = now + state.evaluations * t_step + self._decode_time(state)
+        return finish <= state.deadline
 
     def _escalate(self, state: RequestState, now: float) -> None:
         """Redo the request on the heavy model: it keeps its slot, its deadline, its text embeddings (the

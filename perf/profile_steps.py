@@ -59,6 +59,23 @@ def profile_variant(url: str, variant: str, steps: list[int], prompts: list[str]
             "seconds": [round(statistics.median(seconds[s]), 5) for s in sorted(steps)]}
 
 
+def profile_auto_stop(url: str, variant: str, classes: dict, steps: int, prompts: list[str], size: int) -> dict:
+    """Where the entropy stop ends step_mode=auto requests of each class with a quality floor, alone on the
+    server (no SLO pressure): the mean fraction of the requested steps that ran."""
+    from triffusion.client import generate
+
+    out = {}
+    for name, level in sorted(classes.items()):
+        if level.get("min_quality") is None:
+            continue
+        done = [generate(prompt, url=url, steps=steps, seed=2000 + i, height=size, width=size, unet=variant,
+                         step_mode="auto", slo_class=name, slo_ms=3_600_000,
+                         connect_timeout_s=None).metadata["steps_done"] for i, prompt in enumerate(prompts)]
+        out[name] = {"requested": steps, "steps_done_mean": round(statistics.fmean(done), 3),
+                     "fraction": round(statistics.fmean(done) / steps, 4)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = OneLineParser(prog="python -m perf.profile_steps", description=__doc__.splitlines()[0])
     ap.add_argument("--repo", required=True, help="a built model repository")
@@ -67,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=8, help="prompts per step count")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--psnr-cap", type=float, default=40.0, help="PSNR (dB) counted as quality 1")
+    ap.add_argument("--auto-steps", type=int, default=20,
+                    help="requested steps for the entropy-stop profile of each SLO class with a quality floor "
+                         "(needs --write, or --url of a server that already holds step_quality; 0: skip it)")
     ap.add_argument("--out", help="write the profiles here as JSON")
     ap.add_argument("--write", action="store_true", help="and into the repository's pipeline.json (step_quality)")
     args = ap.parse_args(argv)
@@ -86,28 +106,47 @@ def main(argv: list[str] | None = None) -> int:
     variants = dict(pipeline.get("unets", {"default": contract.UNET}))  # request name -> Triton model
     prompts = load_prompts()[: args.n]
 
-    def run(url: str) -> dict:
+    classes = pipeline.get("limits", {}).get("slo_classes") or {}
+    floors = args.auto_steps and any(c.get("min_quality") is not None for c in classes.values())
+
+    def curves(url: str) -> dict:
         return {model: profile_variant(url, name, steps, prompts, args.size, args.psnr_cap)
                 for name, model in variants.items()}
 
-    if args.url:
-        profiles = run(args.url)
+    def auto_stops(url: str) -> dict:
+        return {model: profile_auto_stop(url, name, classes, args.auto_steps, prompts, args.size)
+                for name, model in variants.items()}
+
+    stops: dict = {}
+    if args.url:  # a running server: the entropy-stop profile needs it to hold step_quality already
+        profiles = curves(args.url)
+        if floors and pipeline.get("step_quality"):
+            stops = auto_stops(args.url)
     else:
         from triffusion.server import TritonServer, free_port
 
-        with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) as server:
+        serve = lambda: TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+        with serve() as server:
             server.wait_ready(300)
-            profiles = run(server.urls["grpc"])
+            profiles = curves(server.urls["grpc"])
+        if floors and args.write:  # the floors need the curves in pipeline.json: write them, serve again
+            pipeline["step_quality"] = profiles
+            pipeline_path.write_text(json.dumps(pipeline, indent=2, sort_keys=True) + "\n")
+            with serve() as server:
+                server.wait_ready(300)
+                stops = auto_stops(server.urls["grpc"])
     report = {"bench": "profile_steps", "repo": str(repo), "size": args.size, "n": args.n,
               "psnr_cap_db": args.psnr_cap, "quality": "PSNR to the largest step count / cap, clipped to 1",
-              "step_quality": profiles}
+              "step_quality": profiles, "auto_stop": stops}
     print(json.dumps(profiles))
     if args.out and not write_json(args.out, report):
         return 2
     if args.write:
         pipeline["step_quality"] = profiles
+        if stops:
+            pipeline["auto_stop"] = stops
         pipeline_path.write_text(json.dumps(pipeline, indent=2, sort_keys=True) + "\n")
-        print(f"wrote step_quality for {', '.join(profiles)} into {pipeline_path}")
+        print(f"wrote step_quality{' and auto_stop' if stops else ''} for {', '.join(profiles)} into {pipeline_path}")
     return 0
 
 

@@ -157,6 +157,7 @@ class SimRequest:
     model: str = "unet"  # the UNet's Triton model name, as the profile names it
     guidance_scale: float = 7.5
     min_steps: int | None = None
+    min_quality: float | None = None  # an SLO class's quality floor (needs the scheduler's step profiles)
     escalate: bool | None = None  # cascade: True/False decides; None draws with the escalation rate
     # step_mode auto: the evaluations after which the latent settles (the simulated entropy stays flat
     # from there); the scheduler's entropy stop then ends the request there, or where its thresholds
@@ -184,6 +185,8 @@ class SimRequest:
             bad("guidance_scale", "a number >= 0")
         if self.min_steps is not None and not (_is_int(self.min_steps) and 1 <= self.min_steps <= self.steps):
             bad("min_steps", f"None or 1..{self.steps}")
+        if self.min_quality is not None and not (_is_num(self.min_quality) and 0 <= self.min_quality <= 1):
+            bad("min_quality", "None or a number in 0..1")
         if self.escalate is not None and not isinstance(self.escalate, bool):
             bad("escalate", "None, true or false")
         if self.steps_run is not None and not (_is_int(self.steps_run) and self.steps_run >= 1):
@@ -763,7 +766,7 @@ class _Replay:
         r = self.requests[index]
         params = GenerationParams(prompt="", height=r.height, width=r.width, steps=r.steps,
                                   guidance_scale=r.guidance_scale, slo_ms=r.slo_ms, priority=r.priority,
-                                  min_steps=r.min_steps, step_mode=r.step_mode)
+                                  min_steps=r.min_steps, step_mode=r.step_mode, min_quality=r.min_quality)
         return _SimState(request_id=f"q{index}", params=params, sink=_SINK, input_ids=None,
                          model=model or r.model, received=received, cascade=self.inplace and model is None,
                          index=index)

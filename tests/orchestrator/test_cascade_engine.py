@@ -79,7 +79,7 @@ def test_high_scores_keep_the_light_answer_and_low_scores_are_redone_on_the_heav
     assert kind0 == kind1 == "finish"
     assert meta0["unet"] == "light" and meta0["cascade"] == {"light": "light", "score": np.float32(0.9).item(),
                                                             "threshold": 0.5, "escalated": False,
-                                                            "gate_error": None}
+                                                            "escalation_skipped": False, "gate_error": None}
     assert meta1["unet"] == "heavy" and meta1["cascade"]["escalated"] is True
     assert meta1["steps_done"] == 4
     # Escalation starts again from the request's own seeded noise: the heavy answer is the heavy model's.

@@ -87,3 +87,28 @@ def test_switches_turn_features_off_one_at_a_time():
     routed.model, routed.cascade = "light", True
     no_cascade.add(routed, now=0.0)
     assert (routed.model, routed.cascade) == ("unet", False)
+
+
+def test_an_escalation_that_cannot_meet_the_deadline_keeps_the_light_answer():
+    import numpy as np
+
+    from triffusion.orchestrator.engine import PipelineSpec, make_engine
+
+    from .fakes import SCHEDULER_CONFIG, FakeExecutor
+
+    class LowScores(FakeExecutor):
+        def score(self, images, prompts=None):
+            return np.zeros(len(images), np.float32)  # every light answer asks for the heavy model
+
+    scheduler = StepScheduler(cascade=Cascade(light="light", heavy="unet"), threshold=0.5, admission=False)
+    engine = make_engine(LowScores(), PipelineSpec(model="fake", scheduler_config=SCHEDULER_CONFIG), scheduler)
+    late, relaxed = make_state(1, steps=3, stream=False), make_state(2, steps=3, stream=False)
+    late.params.slo_ms, relaxed.params.slo_ms = 1, 3_600_000  # 1 ms: no heavy redo can make it
+    for state in (late, relaxed):
+        state.model, state.cascade = "light", True
+        engine.submit(state)
+    while engine.scheduler.has_work:
+        engine.step()
+    late_meta, relaxed_meta = late.sink.events[-1][2], relaxed.sink.events[-1][2]
+    assert late_meta["unet"] == "light" and late_meta["cascade"]["escalation_skipped"] is True
+    assert relaxed_meta["unet"] == "unet" and relaxed_meta["cascade"]["escalated"] is True

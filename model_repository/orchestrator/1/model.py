@@ -121,6 +121,8 @@ class TritonPythonModel:
             return {"found": self.engine.cancel(str(message.get("id")))}
         if op == "health":
             return self.engine.health()
+        if op == "profile":  # what the latency predictor has learned (benchmarks seed the simulator with it)
+            return self.engine.profile()
         if op == "events":  # the supervisor's counts of reloads and restarts, for /metrics
             self.observer.supervisor(message.get("events", []))
             return {}
@@ -129,7 +131,7 @@ class TritonPythonModel:
                 raise InvalidRequest("control", "drain needs an admin key (set by `triffusion serve`)")
             self.engine.drain()
             return self.engine.health()
-        raise InvalidRequest("control", f"op '{op}' is unknown; allowed: cancel, health, drain, events")
+        raise InvalidRequest("control", f"op '{op}' is unknown; allowed: cancel, health, drain, events, profile")
 
     def finalize(self):
         self.engine.stop(grace_s=DRAIN_GRACE_S)
