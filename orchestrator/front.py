@@ -104,13 +104,17 @@ class Front:
 
     # ---- answers -----------------------------------------------------------------------------
     def relay(self, inflight: Inflight, kind: str, value) -> None:
-        """A progress or preview response on its way to a streaming client."""
-        if not inflight.stream or inflight.done:
+        """A progress or preview response on its way to a streaming client. Under the request's lock: once
+        the final answer went out, Triton frees the response sender, and touching it again crashes it."""
+        if not inflight.stream:
             return
-        try:
-            (inflight.sink.progress if kind == "progress" else inflight.sink.preview)(value)
-        except Exception:  # noqa: BLE001 - the client is gone; the sweep cancels the work
-            log.debug("relay to %s failed", inflight.id, exc_info=True)
+        with inflight.lock:
+            if inflight.done:
+                return
+            try:
+                (inflight.sink.progress if kind == "progress" else inflight.sink.preview)(value)
+            except Exception:  # noqa: BLE001 - the client is gone; the sweep cancels the work
+                log.debug("relay to %s failed", inflight.id, exc_info=True)
 
     def finish(self, inflight: Inflight, image, metadata: bytes) -> None:
         self._final(inflight, lambda: inflight.sink.finish(image, metadata))
@@ -119,17 +123,18 @@ class Front:
         self._final(inflight, lambda: inflight.sink.fail(error))
 
     def _final(self, inflight: Inflight, send) -> bool:
-        """Exactly one final answer per request, whoever gets there first."""
+        """Exactly one final answer per request, whoever gets there first. Sent under the request's lock, so
+        that no progress, preview or cancellation check touches its sender after it (Triton frees it)."""
         with inflight.lock:
             if inflight.done:
                 return False
             inflight.done = True
+            try:
+                send()
+            except Exception:  # noqa: BLE001
+                log.warning("final answer of %s could not be sent", inflight.id, exc_info=True)
         with self._lock:
             self._inflight.pop(inflight.id, None)
-        try:
-            send()
-        except Exception:  # noqa: BLE001
-            log.warning("final answer of %s could not be sent", inflight.id, exc_info=True)
         return True
 
     # ---- watchdog ----------------------------------------------------------------------------
@@ -155,10 +160,13 @@ class Front:
                 continue
             if now - item.last_cancel_check >= self.cancel_check_s:
                 item.last_cancel_check = now
-                try:
-                    cancelled = item.sink.is_cancelled()
-                except Exception:  # noqa: BLE001
-                    cancelled = True
+                with item.lock:  # never ask a sender Triton already freed (after the final answer)
+                    if item.done:
+                        continue
+                    try:
+                        cancelled = item.sink.is_cancelled()
+                    except Exception:  # noqa: BLE001
+                        cancelled = True
                 if cancelled:
                     self._give_up(item, Cancelled("cancelled by the client"))
 

@@ -39,7 +39,8 @@ class MetricsObserver(Observer):
                          for key in ("threshold", "escalation_rate", "last_score")}
         self._controller = {key: controller.Metric(labels={"value": key})
                             for key in ("demand_rps", "threshold", "steps", "light_gpus", "heavy_gpus",
-                                        "expected_quality", "expected_escalation")}
+                                        "light_share", "heavy_share", "overloaded", "expected_quality",
+                                        "expected_escalation")}
         self._calls: dict[int, object] = {}  # rows -> histogram, made on first use
         self._queue = queue.Metric(labels={})
         self._batch = batch.Metric(labels={}, buckets=BATCH_BUCKETS)
@@ -88,6 +89,9 @@ class MetricsObserver(Observer):
         option = decision.option
         values = {"demand_rps": decision.inputs.get("demand", 0.0), "threshold": option.threshold,
                   "steps": option.steps, "light_gpus": decision.light_gpus, "heavy_gpus": decision.heavy_gpus,
+                  "light_share": decision.inputs.get("light_share", 0.0),
+                  "heavy_share": decision.inputs.get("heavy_share", 0.0),
+                  "overloaded": float(bool(decision.inputs.get("overloaded"))),
                   "expected_quality": option.quality, "expected_escalation": option.escalation}
         for key, value in values.items():
             self._controller[key].set(float(value))

@@ -146,6 +146,15 @@ def main(argv: list[str] | None = None) -> int:
         if stops:
             pipeline["auto_stop"] = stops
         pipeline_path.write_text(json.dumps(pipeline, indent=2, sort_keys=True) + "\n")
+        # The export rewrites pipeline.json from its manifest when it finds the build up to date: keep them there.
+        manifest_path = repo / "export_manifest.json"
+        if manifest_path.exists():
+            manifest = json.loads(manifest_path.read_text())
+            if isinstance(manifest.get("pipeline"), dict):
+                manifest["pipeline"]["step_quality"] = profiles
+                if stops:
+                    manifest["pipeline"]["auto_stop"] = stops
+                manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         print(f"wrote step_quality{' and auto_stop' if stops else ''} for {', '.join(profiles)} into {pipeline_path}")
     return 0
 

@@ -185,6 +185,7 @@ class TritonServer:
         self.process = subprocess.Popen(self.command(), env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
                                         start_new_session=True)
+        self._pgid = self.process.pid  # its own session: the group outlives the process if it crashes
         import threading
 
         threading.Thread(target=self._pump_log, args=(self.process,), daemon=True).start()
@@ -260,8 +261,10 @@ class TritonServer:
         self.close_edge()
 
     def _terminate(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            pgid = os.getpgid(self.process.pid)
+        if self.process is None:
+            return
+        pgid = self._pgid
+        if self.process.poll() is None:
             os.killpg(pgid, signal.SIGTERM)
             try:
                 self.process.wait(self.exit_timeout_s + 10)
@@ -269,11 +272,11 @@ class TritonServer:
                 log.error("tritonserver did not exit within %d s; killing it", self.exit_timeout_s + 10)
                 os.killpg(pgid, signal.SIGKILL)
                 self.process.wait()
-            try:  # python backend stubs share the group; make sure none outlives the server
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            _wait_group_gone(pgid)
+        try:  # python backend stubs share the group; none outlives the server, even one that crashed
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _wait_group_gone(pgid)
         self._remove_shm()
 
     def _remove_shm(self) -> None:
