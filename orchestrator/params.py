@@ -175,7 +175,7 @@ def parse_params(raw: Mapping[str, Any], limits: Limits, count_tokens=None) -> G
 
     # 4. Service level: a class (its latency objective, priority and quality floor, unless the request sets
     #    them), priority, and how far steps may drop to meet it.
-    slo_class = raw.get("slo_class")
+    slo_class = raw.get("slo_class") or None  # "" (perf_analyzer must send every input): no class
     level: dict = {}
     if slo_class is not None:
         slo_class = _text("slo_class", slo_class, limits)

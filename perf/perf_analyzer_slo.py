@@ -40,7 +40,7 @@ def input_data(prompts: list[str], *, size: int, steps: int, slo_ms: int, seed: 
     for i, prompt in enumerate(prompts):
         rows.append({"prompt": [prompt], "negative_prompt": [""], "height": [size], "width": [size],
                      "steps": [steps], "guidance_scale": [7.5], "seed": [seed + i], "scheduler": ["euler"],
-                     "stream": [False], "slo_ms": [slo_ms], "priority": [0], "min_steps": [steps],
+                     "stream": [False], "slo_ms": [slo_ms], "slo_class": [""], "priority": [0], "min_steps": [steps],
                      "step_mode": ["fixed"], "preview_every": [0], "unet": ["default"]})
     names = {spec.name for spec in contract.REQUEST_INPUTS}
     assert all(set(row) == names for row in rows), "input data must name every orchestrator input"

@@ -203,7 +203,7 @@ def sample_requests(mix: Mix, prompts: list[str], n: int, seed: int) -> list[dic
         requests.append({"prompt": prompts[int(p)], "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
                          "height": c.height, "width": c.width, "steps": c.steps,
                          "guidance_scale": c.guidance_scale, "seed": int(s), "scheduler": DEFAULT_SCHEDULER,
-                         "stream": False, "slo_ms": c.slo_ms, "priority": c.priority,
+                         "stream": False, "slo_ms": c.slo_ms, "slo_class": "", "priority": c.priority,
                          "min_steps": c.min_steps, "step_mode": c.step_mode, "preview_every": 0,
                          "unet": c.unet})
     return requests

@@ -64,20 +64,3 @@ def test_builds_an_engine_for_the_tiny_unet(tmp_path):
     plan = build_engine(tmp_path / "repo" / ARTIFACTS["unet"], tmp_path / "unet.plan",
                         plan_profiles(contract.UNET, serving), timing_cache=tmp_path / "cache")
     assert plan.stat().st_size > 0 and (tmp_path / "cache").exists()
-
-
-def test_ngc_target_writes_tensorrt_configs_and_the_plan(tmp_path):
-    import json
-
-    from triffusion.export.build import build
-
-    out = tmp_path / "ngc"
-    build("tiny", None, out, target="ngc", sizes=[64, 128], plan_only=True, profile=False, log=lambda *_: None)
-    for component in components.COMPONENTS:
-        config = (out / component / "config.pbtxt").read_text()
-        assert 'platform: "tensorrt_plan"' in config and not (out / component / "1" / "model.py").exists()
-    assert 'backend: "python"' in (out / contract.ORCHESTRATOR / "config.pbtxt").read_text()
-    plan = json.loads((out / "tensorrt_plan.json").read_text())
-    assert len(plan[contract.UNET]) == 2 and plan[contract.UNET][1]["sample"][2] == [16, 4, 16, 16]
-    limits = json.loads((out / contract.ORCHESTRATOR / "1" / "pipeline.json").read_text())["limits"]
-    assert limits["sizes"] == [[64, 64], [128, 128]]
