@@ -22,7 +22,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, type=Path, help="model repository to write")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--force", action="store_true", help="rebuild even when the manifest matches")
-    b.add_argument("--fp16", action="store_true", help="export fp16 graphs (for GPU runtimes)")
+    b.add_argument("--fp16", action="store_true", help="embedded: fp16 graphs and weights (for GPU runtimes); "
+                   "ngc: FP32 ONNX either way, the engines run fp16 inside")
     b.add_argument("--vocab", help="path to CLIP's bpe_simple_vocab_16e6.txt.gz")
     b.add_argument("--save-pipeline", type=Path, help="where to write the preset as a diffusers folder")
     b.add_argument("--no-profile", action="store_true", help="skip the latency profile that seeds admission")
@@ -43,7 +44,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--sizes", default="", help="served image sizes, e.g. 512,768: ngc builds an engine profile "
                    "each, --runtime torch captures CUDA graphs for each")
     b.add_argument("--max-unet-rows", type=int, default=16, help="largest UNet batch an engine or graph covers")
-    b.add_argument("--plan-only", action="store_true", help="ngc: write configs and the profile plan, build no engine")
+    b.add_argument("--plan-only", action="store_true", help="ngc: write the profile plan and build no engine; the "
+                   "components are served as python models (onnxruntime on --device) until the engines are built")
     b.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the served components run (cuda: onnxruntime-gpu's CUDA provider)")
     return p

@@ -16,24 +16,30 @@ from triffusion.runtime import save_torch_artifact
 
 from .onnx_export import Component, check_parity, export_component, file_sha256
 from .presets import Pipeline, build_unet_variant, resolve_pipeline, save_pipeline, variant_model_name
-from .repository import write_repository
+from .repository import write_pipeline, write_repository
 from .tokenizer import write_tokenizer
 
 ARTIFACTS = {name: f"{name}/1/model.onnx" for name in components.COMPONENTS}
 
 
 def _fingerprint(preset, model, seed, fp16, target="embedded", sizes=None, max_unet_rows=16, variants=(),
-                 random_weights=False, runtime="onnxruntime") -> dict:
+                 random_weights=False, runtime="onnxruntime", plan_only=False) -> dict:
+    import importlib.metadata
+
     import diffusers
-    import onnx
     import torch
 
+    try:  # the torch runtime needs no onnx (a GPU host's offline bundle leaves it out)
+        onnx_version = importlib.metadata.version("onnx")
+    except importlib.metadata.PackageNotFoundError:
+        onnx_version = None
     return {"preset": preset, "model": str(Path(model).resolve()) if model and Path(model).exists() else model,
             "seed": seed, "random_weights": random_weights, "fp16": fp16,
             "target": target, "runtime": runtime, "unet_variants": list(variants),
             "sizes": sizes if target == "ngc" or runtime == "torch" else None,
             "max_unet_rows": max_unet_rows if target == "ngc" or runtime == "torch" else None,
-            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "onnx": onnx.__version__}}
+            "plan_only": plan_only if target == "ngc" else None,
+            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "onnx": onnx_version}}
 
 
 def _up_to_date(out: Path, fingerprint: dict) -> dict | None:
@@ -69,55 +75,108 @@ def _pipeline_info(pipeline: Pipeline, source: str, seed: int | None, out: Path,
     }
 
 
-def _profile(out: Path, info: dict, runtime: str = "onnxruntime", device: str = "cpu") -> None:
-    """Seed the latency predictor with times measured here, with the served runtime on the served device
-    (CUDA graphs included), for every UNet variant."""
+def _measure(out: Path, info: dict, runtime: str, device: str, sizes: list[int], rows: list[int],
+             artifacts: dict[str, str] | None = None) -> dict:
+    """Time every UNet variant, text encoding and decoding with `runtime` on `device` (CUDA graphs included),
+    in the predictor's profile format. `artifacts`: model name -> path under the model's folder, when the
+    runtime reads another artifact than pipeline.json's (TensorRT engines)."""
     from triffusion.orchestrator.executor import RuntimeExecutor
     from triffusion.orchestrator.profile import profile
     from triffusion.runtime import create_runtime
 
     graphs = info.get("graphs", {})
-    load = lambda name: create_runtime(runtime, out / info["artifacts"][name], device=device,
-                                       graph_shapes=graphs.get(name, ""))
+    path = lambda name: out / name / artifacts[name] if artifacts else out / info["artifacts"][name]
+    load = lambda name: create_runtime(runtime, path(name), device=device, graph_shapes=graphs.get(name, ""))
     unets = {name: load(name) for name in info["unets"].values()}
     executor = RuntimeExecutor(load(contract.TEXT_ENCODER), unets, load(contract.VAE_DECODER))
+    data = {"unet": [], "stages": []}
+    for name in unets:
+        part = profile(executor, name, sizes, rows, latent_channels=info["latent_channels"],
+                       vae_scale=info["vae_scale_factor"], text_hidden=info["text_hidden_size"])
+        data["unet"] += part["unet"]
+        data["stages"] = data["stages"] or part["stages"]
+    return data
+
+
+def _profile(out: Path, info: dict, runtime: str = "onnxruntime", device: str = "cpu") -> None:
+    """Seed the latency predictor with times measured here, with the served runtime on the served device
+    (CUDA graphs included), for every UNet variant."""
     limits = info["limits"]
     multiple = info["vae_scale_factor"] * info["latent_multiple"]
     sizes = sorted({limits["min_size"], limits["default_height"], 2 * limits["min_size"], 4 * limits["min_size"]})
     sizes = [s for s in sizes if s % multiple == 0 and s <= limits["max_size"]]
     if info.get("served_sizes"):
         sizes = info["served_sizes"]
-    data = {"unet": [], "stages": []}
-    for name in unets:
-        part = profile(executor, name, sizes, [1, 2, 4, 8], latent_channels=info["latent_channels"],
-                       vae_scale=info["vae_scale_factor"], text_hidden=info["text_hidden_size"])
-        data["unet"] += part["unet"]
-        data["stages"] = data["stages"] or part["stages"]
+    data = _measure(out, info, runtime, device, sizes, [1, 2, 4, 8])
     (out / contract.ORCHESTRATOR / "1" / "profile.json").write_text(json.dumps(data, indent=1) + "\n")
 
 
-def _tensorrt_target(out: Path, info: dict, sizes: list[int], max_unet_rows: int, plan_only: bool, log) -> None:
-    """NGC target: TensorRT engines for the components (tensorrt backend), python orchestrator and proxy."""
-    from .tensorrt import build_engine, plan_profiles, tensorrt_config
+def _tensorrt_target(out: Path, info: dict, sizes: list[int], max_unet_rows: int, plan_only: bool, device: str,
+                     log) -> ServingConfig:
+    """NGC target: TensorRT engines for the components (tensorrt backend), python orchestrator and fronts.
+
+    The orchestrator stays inside the engines' profiles: pipeline.json's `engine_limits` caps UNet rows,
+    text-encoder rows and images per call at what the profiles cover (write_repository applies them on
+    every rewrite). The ONNX files have FP32 inputs and outputs, as the tensorrt_plan configs declare;
+    the engines run fp16 inside (BuilderFlag.FP16).
+
+    --plan-only writes the plan and builds no engine: the components stay python models (onnxruntime over
+    the ONNX files, on `device`), so the repository loads and serves while its engines are pending."""
+    from .tensorrt import build_engine, plan_profiles, tensorrt_config, tensorrt_version
 
     serving = ServingConfig(sizes=tuple((s, s) for s in sizes), max_unet_rows=max_unet_rows,
                             opt_unet_rows=min(8, max_unet_rows), vae_scale=info["vae_scale_factor"],
                             text_hidden=info["text_hidden_size"], latent_channels=info["latent_channels"])
     info["limits"] = {**info["limits"], "sizes": [[s, s] for s in sizes], "min_size": min(sizes),
                       "max_size": max(sizes), "default_height": sizes[0], "default_width": sizes[0]}
-    write_repository(out, info, device="cuda")
-    plan = {}
+    text_rows = components.TextEncoder.from_serving(serving).profile_rows(serving)[2]
+    info["engine_limits"] = {"max_batch": max_unet_rows, "max_encode_rows": text_rows,
+                             "max_decode_batch": serving.max_images}
     served = components.served(info.get("unets", {}).values())
+    plan = {component: plan_profiles(served[component].name, serving) for component in info["artifacts"]}
+    (out / "tensorrt_plan.json").write_text(json.dumps({c: [p.shapes for p in profiles] for c, profiles in plan.items()},
+                                                       indent=1) + "\n")
+    if plan_only:
+        info["tensorrt"] = {"engines": "pending", "plan": "tensorrt_plan.json",
+                            "note": "the components are python models until the engines are built: rerun the "
+                                    "export without --plan-only where TensorRT runs (the compose export service)"}
+        write_repository(out, info, device=device)
+        log("engines pending (--plan-only): tensorrt_plan.json written; the components are served as python "
+            f"models (onnxruntime on {device}) until an export without --plan-only builds the engines")
+        return serving
+    write_repository(out, info, device="cuda")
     for component, rel in info["artifacts"].items():
-        kind = served[component]
-        profiles = plan_profiles(kind.name, serving)
-        plan[component] = [p.shapes for p in profiles]
-        (out / component / "config.pbtxt").write_text(tensorrt_config(kind.name, profiles, name=component))
-        (out / component / "1" / "model.py").unlink(missing_ok=True)
-        if not plan_only:
-            build_engine(out / rel, out / component / "1" / "model.plan", profiles, timing_cache=out / "timing.cache")
-            log(f"{component}: TensorRT engine built")
-    (out / "tensorrt_plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+        build_engine(out / rel, out / component / "1" / "model.plan", plan[component], timing_cache=out / "timing.cache")
+        (out / component / "config.pbtxt").write_text(tensorrt_config(served[component].name, plan[component],
+                                                                      name=component))
+        (out / component / "1" / "model.py").unlink(missing_ok=True)  # served by the tensorrt backend now
+        log(f"{component}: TensorRT engine built")
+    info["tensorrt"] = {"engines": "built", "version": tensorrt_version(), "plan": "tensorrt_plan.json"}
+    write_pipeline(out, info)
+    return serving
+
+
+def _ngc_profile(out: Path, info: dict, serving: ServingConfig, log) -> None:
+    """The latency profile of the NGC target: the built engines timed here with TensorRT where they can
+    run; else (engines pending, or no GPU here) the prior of export/latency_prior.py, marked as such."""
+    from .latency_prior import latency_prior
+
+    rows = [r for r in (1, 2, 4, 8, 16) if r <= serving.max_unet_rows]
+    sizes = [h for h, _ in serving.sizes]
+    data, reason = None, "engines pending (--plan-only)"
+    if info.get("tensorrt", {}).get("engines") == "built":
+        try:
+            data = _measure(out, info, "tensorrt", "cuda", sizes, rows, {n: "1/model.plan" for n in info["artifacts"]})
+            data["source"] = "measured"
+        except Exception as exc:  # noqa: BLE001 - the prior stands in, and says why
+            reason = f"the engines could not be timed here ({type(exc).__name__}: {exc})"
+            log(f"latency profile: {reason}; writing the prior")
+    if data is None:
+        data = latency_prior(info["parameters"], list(info["unets"].values()), sizes, rows,
+                             vae_scale=info["vae_scale_factor"], max_encode_rows=info["engine_limits"]["max_encode_rows"],
+                             max_images=info["engine_limits"]["max_decode_batch"])
+        data["prior"]["why"] = reason
+    (out / contract.ORCHESTRATOR / "1" / "profile.json").write_text(json.dumps(data, indent=1) + "\n")
 
 
 def _export_onnx(kind: str, module, out: Path, name: str, pipeline: Pipeline, fp16: bool, log) -> str:
@@ -190,8 +249,11 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
         raise SystemExit(f"--runtime {runtime}: choose onnxruntime or torch")
     if runtime == "torch" and target != "embedded":
         raise SystemExit("--runtime torch serves python-backend components: use it with --target embedded")
+    if target == "ngc" and max_unet_rows < 2:
+        raise ValueError(f"--max-unet-rows {max_unet_rows} is out of range; allowed >= 2 (classifier-free "
+                         "guidance makes two rows of a request)")
     fingerprint = _fingerprint(preset, model, seed, fp16, target, sizes, max_unet_rows, unet_variants,
-                               random_weights, runtime)
+                               random_weights, runtime, plan_only)
     fingerprint["registry"] = registry
     fingerprint["cascade"], fingerprint["gate"], fingerprint["baselines"] = cascade, gate, baselines
     if cascade and cascade["light"] not in unet_variants:
@@ -224,12 +286,15 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
                     for variant, name in variants.items()})
     served = components.served(variants.values())  # model name -> component (variants are UNets)
     export = _export_torch if runtime == "torch" else _export_onnx
-    artifacts = {name: export(served[name].name, module, out, name, pipeline, fp16, log)
+    # ngc: FP32 ONNX, as its configs declare; TensorRT runs the engines fp16 inside (--fp16 or not)
+    artifact_fp16 = fp16 and target == "embedded"
+    artifacts = {name: export(served[name].name, module, out, name, pipeline, artifact_fp16, log)
                  for name, module in modules.items()}
     # 4. Repository around the artifacts, the manifest, and a profile that seeds the latency predictor.
     info = _pipeline_info(pipeline, source, seed if random_weights else None, out, artifacts)
     info["random_weights"] = random_weights
     info["unets"] = {"default": contract.UNET, **variants}
+    info["parameters"] = {name: sum(p.numel() for p in module.parameters()) for name, module in modules.items()}
     if runtime == "torch":  # CUDA graphs per served bucket, captured at load
         info["served_sizes"] = sizes or [info["limits"]["default_height"]]
         serving = ServingConfig(sizes=tuple((s, s) for s in info["served_sizes"]), max_unet_rows=max_unet_rows,
@@ -246,11 +311,14 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
     if registry:  # the orchestrator reads the family's policies (entropy, cascade, SLO classes) from here
         info["registry"] = registry
     if target == "ngc":
-        _tensorrt_target(out, info, sizes or [info["limits"]["default_height"]], max_unet_rows, plan_only, log)
+        serving = _tensorrt_target(out, info, sizes or [info["limits"]["default_height"]], max_unet_rows, plan_only,
+                                   device, log)
+        if profile:
+            _ngc_profile(out, info, serving, log)
     else:
         write_repository(out, info, runtime=runtime, device=device)
-    if profile and target == "embedded":
-        _profile(out, info, runtime, device)
+        if profile:
+            _profile(out, info, runtime, device)
     (out / "export_manifest.json").write_text(json.dumps({"fingerprint": fingerprint, "pipeline": info},
                                                          indent=2, sort_keys=True) + "\n")
     if random_weights and preset:

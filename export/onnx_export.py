@@ -71,8 +71,10 @@ def export_component(component: Component, path: Path, latent_hw: tuple[int, int
     path.parent.mkdir(parents=True, exist_ok=True)
     module = component.module.half() if fp16 else component.module.float()
     args = component.sample(2, latent_hw)
-    if fp16:
-        args = tuple(a.half() if a.is_floating_point() else a for a in args)
+    if fp16:  # full-precision inputs (the UNet's timestep) stay FP32 inputs of the fp16 graph
+        keep = component.spec.full_precision
+        args = tuple(a.half() if a.is_floating_point() and name not in keep else a
+                     for name, a in zip(component.input_names, args))
     with torch.no_grad():
         torch.onnx.export(module, args, str(path), input_names=component.input_names,
                           output_names=component.output_names, dynamic_axes=component.dynamic_axes,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from triffusion import components, contract
 from triffusion.orchestrator.config import OrchestratorConfig
+from triffusion.runtime import InOrchestrator
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "model_repository"
 
@@ -88,38 +89,59 @@ def default_limits(pipeline: dict) -> dict:
     return limits
 
 
+def write_pipeline(out_dir: Path, pipeline: dict) -> None:
+    """pipeline.json: what the orchestrator reads about the served pipeline, with its request limits."""
+    served = {**pipeline, "limits": default_limits(pipeline)}
+    path = Path(out_dir) / contract.ORCHESTRATOR / "1" / "pipeline.json"
+    path.write_text(json.dumps(served, indent=2, sort_keys=True, default=str))
+
+
 def _copy_adapter(kind: str, model_dir: Path) -> None:
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ADAPTERS / kind / "1" / "model.py", model_dir / "1" / "model.py")
 
 
+def orchestrator_settings(pipeline: dict, runtime: str, device: str, orchestrator: dict | None) -> OrchestratorConfig:
+    """The orchestrator's config: defaults, then what the served runtime implies, then the engines' limits
+    recorded in pipeline.json (`engine_limits`: rows and images per call that TensorRT profiles cover, so
+    that every rewrite of the repository keeps them), then explicit overrides."""
+    config = OrchestratorConfig()
+    if runtime == "torch" and device == "cuda":
+        # Per-request state stays where the UNet runs: no BLS round trip per step (about 4 ms on an H100).
+        config = config.replace(max_active=16, unet_executor="inprocess", runtime=runtime, device=device)
+    return config.replace(**pipeline.get("engine_limits", {})).replace(**(orchestrator or {}))
+
+
 def write_repository(out_dir: Path, pipeline: dict, *, runtime: str = "onnxruntime", device: str = "cpu",
                      orchestrator: dict | None = None, max_inflight: int = 256) -> Path:
-    """Write configs and adapters around the artifacts already in `out_dir` (ONNX files, tokenizer)."""
+    """Write configs and adapters around the artifacts already in `out_dir` (ONNX files, tokenizer).
+
+    With the UNet in the orchestrator (unet_executor inprocess) the UNet models are written as CPU models
+    that load nothing (runtime in_orchestrator): the orchestrator never calls them, and the weights and
+    CUDA graph pools are then on the GPU once, in the orchestrator."""
     out_dir = Path(out_dir)
+    config = orchestrator_settings(pipeline, runtime, device, orchestrator)
+    unets = set(pipeline.get("unets", {}).values()) | {contract.UNET}
     graphs = pipeline.get("graphs", {})
     gpu = device == "cuda"
     for name, component in components.served(pipeline.get("unets", {}).values()).items():
         artifact = Path(pipeline["artifacts"][name]).name
-        params = {"runtime": runtime, "artifact": artifact, "device": device}
-        if graphs.get(name):
-            params["graph_shapes"] = graphs[name]  # CUDA graphs captured per bucket at load
-        if gpu:  # GPU tensors reach the model as they are (DLPack), not copied to the host first
-            params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
+        if config.unet_executor == "inprocess" and name in unets:
+            config_text = component_config(name, component, {"runtime": InOrchestrator.KIND, "artifact": artifact})
+        else:
+            params = {"runtime": runtime, "artifact": artifact, "device": device}
+            if graphs.get(name):
+                params["graph_shapes"] = graphs[name]  # CUDA graphs captured per bucket at load
+            if gpu:  # GPU tensors reach the model as they are (DLPack), not copied to the host first
+                params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
+            config_text = component_config(name, component, params, "KIND_GPU" if gpu else "KIND_CPU")
         (out_dir / name).mkdir(parents=True, exist_ok=True)
-        (out_dir / name / "config.pbtxt").write_text(component_config(
-            name, component, params, "KIND_GPU" if gpu else "KIND_CPU"))
+        (out_dir / name / "config.pbtxt").write_text(config_text)
         _copy_adapter("component", out_dir / name)
     orch_dir = out_dir / contract.ORCHESTRATOR
     _copy_adapter(contract.ORCHESTRATOR, orch_dir)
-    config = OrchestratorConfig()
-    if runtime == "torch" and gpu:
-        # Per-request state stays where the UNet runs: no BLS round trip per step (about 4 ms on an H100).
-        config = config.replace(max_active=16, unet_executor="inprocess", runtime=runtime, device=device)
-    config = config.replace(**(orchestrator or {}))
     (orch_dir / "config.pbtxt").write_text(orchestrator_config(config.to_parameters()))
-    served = {**pipeline, "limits": default_limits(pipeline)}
-    (orch_dir / "1" / "pipeline.json").write_text(json.dumps(served, indent=2, sort_keys=True, default=str))
+    write_pipeline(out_dir, pipeline)
     if pipeline.get("gate"):  # cascades: the quality gate is a Triton model of its own
         gate_dir = out_dir / contract.QUALITY_GATE
         _copy_adapter(contract.QUALITY_GATE, gate_dir)

@@ -44,14 +44,25 @@ def tensorrt_config(component: str, profiles: list[Profile], instances: int = 1,
             + f"instance_group [ {{ count: {instances} kind: KIND_GPU profile: [ {profile_names} ] }} ]\n")
 
 
-def build_engine(onnx_path: Path, engine_path: Path, profiles: list[Profile], *, fp16: bool = True,
-                 timing_cache: Path | None = None, refit: bool = False, workspace_gb: int = 8) -> Path:
-    """Build a serialized engine from an ONNX file with the planned profiles."""
+def _tensorrt():
     try:
         import tensorrt as trt
     except ImportError:
         raise TensorRTUnavailable("TensorRT is not installed: build engines on a GPU host with the tensorrt "
                                   "package (e.g. inside nvcr.io/nvidia/tensorrt:<yy.mm>-py3)") from None
+    return trt
+
+
+def tensorrt_version() -> str:
+    """The TensorRT that builds the engines: Triton's tensorrt backend loads only plans of its own version."""
+    return _tensorrt().__version__
+
+
+def build_engine(onnx_path: Path, engine_path: Path, profiles: list[Profile], *, fp16: bool = True,
+                 timing_cache: Path | None = None, refit: bool = False, workspace_gb: int = 8) -> Path:
+    """Build a serialized engine from an ONNX file with the planned profiles (fp16 inside; the I/O keeps the
+    ONNX file's types)."""
+    trt = _tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
@@ -84,4 +95,4 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[Profile], *,
 
 
 __all__ = ["OutsideProfiles", "Profile", "ServingConfig", "TensorRTUnavailable", "build_engine", "check_shapes",
-           "plan_profiles", "tensorrt_config"]
+           "plan_profiles", "tensorrt_config", "tensorrt_version"]

@@ -96,6 +96,9 @@ class Component:
     # malformed shape before it reaches the model. 0: dims as declared, the component checks them.
     max_batch: ClassVar[int] = 0
     optional: ClassVar[frozenset[str]] = frozenset()  # inputs a request may leave out
+    # floating inputs kept in FP32 when the model runs in fp16 (the UNet's timestep: fp16 has a spacing of
+    # 0.5 between 512 and 1024, so fractional timesteps would be rounded)
+    full_precision: ClassVar[frozenset[str]] = frozenset()
     dynamic_axes: ClassVar[dict[str, dict[int, str]]] = {}  # ONNX export: which dims stay symbolic
     per_size: ClassVar[bool] = True  # one TensorRT profile and graph bucket set per served resolution
 
@@ -289,6 +292,7 @@ class UNet(Component):
         TensorSpec("encoder_hidden_states", "FP32", (-1, TEXT_MAX_LENGTH, -1)),
     )
     outputs = (TensorSpec("noise_pred", "FP32", (-1, -1, -1, -1)),)
+    full_precision = frozenset({"timestep"})  # diffusers embeds it in FP32 and casts the embedding itself
     dynamic_axes = {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
                     "encoder_hidden_states": {0: "batch"}, "noise_pred": {0: "batch", 2: "height", 3: "width"}}
 

@@ -1,6 +1,7 @@
-"""One small interface for running an exported component: ONNX Runtime, or torch with CUDA graphs per
-served bucket. A runtime maps named numpy arrays to named numpy arrays. What each component takes, and
-its graph buckets, come from triffusion.components (this module never imports export)."""
+"""One small interface for running an exported component: ONNX Runtime, torch with CUDA graphs per
+served bucket, or a TensorRT engine (the export times the engines it built with it). A runtime maps
+named numpy arrays to named numpy arrays. What each component takes, and its graph buckets, come from
+triffusion.components (this module never imports export)."""
 
 from __future__ import annotations
 
@@ -62,22 +63,32 @@ def create_runtime(kind: str, artifact: str | os.PathLike, device: str = "cpu", 
         raise FileNotFoundError(f"artifact {artifact} does not exist; run `python -m triffusion.export build` first")
     if kind == "torch":
         return load_torch_runtime(artifact, device=device, graph_shapes=parse_graph_shapes(graph_shapes))
+    if kind == "tensorrt":
+        return TensorRTRuntime(artifact, device=device)
+    if kind == InOrchestrator.KIND:
+        return InOrchestrator()
     return OnnxRuntime(artifact, device=device, threads=threads)
 
 
 _INTEGER_INPUTS = frozenset().union(*(c.integer_inputs() for c in components.COMPONENTS.values()))
+_FP32_INPUTS = frozenset().union(*(c.full_precision for c in components.COMPONENTS.values()))
 
 
 class TorchRuntime:
     """A torch module as a runtime: fp16, channels-last and SDPA attention on CUDA, with CUDA graphs
     captured per served bucket at load (warm-up belongs in load, not in the first request). A batch
     with no graph of its own runs in the smallest captured graph with room for it (rows are independent
-    in every component, so padding rows change nothing), else eagerly.
-    Numpy in gives numpy out; torch tensors in stay on the device (the DLPack path), and CUDA work is
-    finished when run() returns, so callers' timings are true GPU times."""
+    in every component, so padding rows change nothing), else eagerly. The UNet's timestep stays FP32
+    (Component.full_precision) when the module runs in fp16.
+    Numpy in gives numpy out (the copy to the host waits for the GPU; no other sync). Torch tensors in stay
+    on the device (the DLPack path); with `sync` (the default) run() returns once the GPU is done, because
+    its callers need that: the component adapter hands the output to Triton through DLPack, read by another
+    process with no stream order, and the runner times each UNet call for the latency predictor. A caller
+    that orders later work on the same stream and times with CUDA events passes sync=False."""
 
     def __init__(self, module, input_names, output_names, device: str = "cpu", fp16: bool | None = None,
-                 graph_shapes=(), integer_inputs: Iterable[str] | None = None):
+                 graph_shapes=(), integer_inputs: Iterable[str] | None = None,
+                 fp32_inputs: Iterable[str] | None = None):
         import torch
 
         self.torch, self.device = torch, torch.device(device)
@@ -89,23 +100,30 @@ class TorchRuntime:
         self.input_names, self.output_names = tuple(input_names), tuple(output_names)
         # inputs captured as int64 (token ids); default: the integer inputs of every served component
         self.integer_inputs = frozenset(integer_inputs if integer_inputs is not None else _INTEGER_INPUTS)
+        # floating inputs kept in FP32 whatever the module's dtype (the UNet's timestep)
+        self.fp32_inputs = frozenset(fp32_inputs if fp32_inputs is not None else _FP32_INPUTS)
         self.graphs: dict[tuple, tuple] = {}
         for shapes in graph_shapes:
             self.capture(shapes)
+
+    def _dtype(self, name):
+        torch = self.torch
+        if name in self.integer_inputs:
+            return torch.int64
+        return torch.float32 if name in self.fp32_inputs else self.dtype
 
     def _prepare(self, name, value):
         torch = self.torch
         tensor = torch.as_tensor(value) if not isinstance(value, torch.Tensor) else value
         tensor = tensor.to(self.device, non_blocking=True)
-        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+        return tensor.to(self._dtype(name)) if tensor.is_floating_point() else tensor
 
     def capture(self, shapes: dict[str, tuple]) -> None:
         """Record a CUDA graph for one set of input shapes (all other shapes pad into one or run eagerly)."""
         torch = self.torch
         if self.device.type != "cuda":
             return
-        static = [torch.zeros(shapes[n], device=self.device,
-                              dtype=torch.int64 if n in self.integer_inputs else self.dtype) for n in self.input_names]
+        static = [torch.zeros(shapes[n], device=self.device, dtype=self._dtype(n)) for n in self.input_names]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
@@ -125,7 +143,7 @@ class TorchRuntime:
         fits = [k for k in self.graphs if k[0][0] >= rows and all(a[1:] == b[1:] for a, b in zip(k, key))]
         return self.graphs[min(fits, key=lambda k: k[0][0])] if fits else None
 
-    def run(self, inputs):
+    def run(self, inputs, sync: bool = True):
         torch = self.torch
         as_numpy = not isinstance(next(iter(inputs.values())), torch.Tensor)
         tensors = [self._prepare(n, inputs[n]) for n in self.input_names]
@@ -137,13 +155,16 @@ class TorchRuntime:
                 for dst, src in zip(static, tensors):
                     dst[:rows].copy_(src)
                 graph.replay()
-                output = output[:rows].clone()
+                output = output[:rows]
+                # a copy either way: the next replay overwrites the graph's own output
+                output = output.float() if output.dtype != torch.float32 else output.clone()
             else:
-                output = self.module(*tensors)
-            output = output.float()
-        if self.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()
-        return {self.output_names[0]: output.cpu().numpy() if as_numpy else output}
+                output = self.module(*tensors).float()
+        if as_numpy:
+            return {self.output_names[0]: output.cpu().numpy()}  # the copy waits for the GPU
+        if sync and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return {self.output_names[0]: output}
 
 
 COMPONENT_FILE = "component.json"
@@ -176,7 +197,87 @@ def load_torch_runtime(folder: str | os.PathLike, device: str = "cpu", graph_sha
     spec = component.from_model(model)
     return TorchRuntime(component.wrap(model), spec.input_names, spec.output_names, device=device,
                         graph_shapes=[spec.graph_inputs(bucket) for bucket in graph_shapes],
-                        integer_inputs=component.integer_inputs())
+                        integer_inputs=component.integer_inputs(), fp32_inputs=component.full_precision)
 
 
-RUNTIMES = {"onnxruntime": OnnxRuntime, "torch": TorchRuntime}
+class InOrchestrator:
+    """The runtime of a UNet model whose UNet runs inside the orchestrator (unet_executor inprocess): it
+    loads no weights and captures no graphs, so the GPU holds one copy of each, the orchestrator's. The
+    Triton model stays (its name is in the repository and the stats) and answers any call with an error
+    that says where the UNet runs."""
+
+    KIND = "in_orchestrator"
+    input_names = components.UNet.input_names
+    output_names = components.UNet.output_names
+
+    def run(self, inputs, sync: bool = True):
+        raise RuntimeError("this UNet runs inside the orchestrator (unet_executor inprocess) and is not served "
+                           "as a model of its own; call text_to_image or text_to_image_stream")
+
+
+class TensorRTRuntime:
+    """A serialized TensorRT engine (model.plan) run with torch tensors as its buffers, on CUDA: the export
+    times the engines it built with it, so the latency profile is the engines' own. A call picks the first
+    optimization profile that covers its shapes (one per resolution bucket, see Component.profiles)."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "cuda"):
+        import tensorrt as trt
+        import torch
+
+        self.torch, self.trt = torch, trt
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise RuntimeError(f"TensorRT engines run on CUDA devices, not '{device}'")
+        with torch.cuda.device(self.device):
+            self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(Path(path).read_bytes())
+            if self.engine is None:
+                raise RuntimeError(f"{path}: TensorRT could not load the engine (built by another TensorRT version?)")
+            self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        mode = lambda n: self.engine.get_tensor_mode(n)
+        self.input_names = tuple(n for n in names if mode(n) == trt.TensorIOMode.INPUT)
+        self.output_names = tuple(n for n in names if mode(n) == trt.TensorIOMode.OUTPUT)
+        dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
+                  trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64, trt.DataType.BOOL: torch.bool}
+        self.dtypes = {n: dtypes[self.engine.get_tensor_dtype(n)] for n in names}
+        self.profiles = [{n: tuple(tuple(d) for d in self.engine.get_tensor_profile_shape(n, i))
+                          for n in self.input_names} for i in range(self.engine.num_optimization_profiles)]
+        self.active_profile: int | None = None
+
+    def profile_for(self, shapes: dict[str, tuple[int, ...]]) -> int:
+        """Index of the first optimization profile whose (min, max) range covers every input shape."""
+        for index, ranges in enumerate(self.profiles):
+            if all(all(lo <= s <= hi for lo, s, hi in zip(ranges[n][0], shape, ranges[n][2]))
+                   for n, shape in shapes.items()):
+                return index
+        raise components.OutsideProfiles(f"shapes {shapes} are outside every profile of the engine")
+
+    def run(self, inputs, sync: bool = True):
+        torch = self.torch
+        as_numpy = not isinstance(next(iter(inputs.values())), torch.Tensor)
+        tensors = {n: torch.as_tensor(inputs[n]).to(self.device, self.dtypes[n]).contiguous() for n in self.input_names}
+        stream = torch.cuda.current_stream(self.device)
+        index = self.profile_for({n: tuple(t.shape) for n, t in tensors.items()})
+        if index != self.active_profile:
+            self.context.set_optimization_profile_async(index, stream.cuda_stream)
+            self.active_profile = index
+        for name, tensor in tensors.items():
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        outputs = {}
+        for name in self.output_names:
+            outputs[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name],
+                                        device=self.device)
+            self.context.set_tensor_address(name, outputs[name].data_ptr())
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed (see the TensorRT log above)")
+        outputs = {n: t.float() for n, t in outputs.items()}
+        if as_numpy:
+            return {n: t.cpu().numpy() for n, t in outputs.items()}
+        if sync:
+            stream.synchronize()
+        return outputs
+
+
+RUNTIMES = {"onnxruntime": OnnxRuntime, "torch": TorchRuntime, "tensorrt": TensorRTRuntime,
+            InOrchestrator.KIND: InOrchestrator}
