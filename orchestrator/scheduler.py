@@ -170,17 +170,37 @@ class StepScheduler:
         return state.params.steps if steps is None else min(steps, state.params.steps)
 
     def _admit_within_slo(self, state: RequestState, now: float) -> None:
+        """Admit with the most steps (down to the floor) that the forecast finishes by the deadline without
+        making an admitted request late; else reject at once with the reason."""
         params = state.params
         floor = params.min_steps or (1 if params.step_mode == "auto" else params.steps)
         floor = max(floor, min(state.quality_steps, params.steps))  # never below the quality floor
-        for steps in range(params.steps, floor - 1, -1):
-            finish, victim = self.predict_admission(state, now, steps)
-            if victim is not None:
-                raise Rejected(f"admitting it would make request {victim.request_id} miss its SLO")
-            if finish <= state.deadline:
-                if steps != params.steps:
-                    self._serve_steps(state, steps)
-                return
+        before = self.forecast(now)
+        late_before = {s for s, t in before.items() if s.deadline is not None and t > s.deadline}
+
+        def verdict(steps: int):
+            finish = self.forecast(now, state, steps)
+            victims = [s for s, t in finish.items() if s is not state and s.deadline is not None
+                       and t > s.deadline and s not in late_before]
+            return finish[state], victims[0] if victims else None
+
+        finish, victim = verdict(params.steps)
+        if finish <= state.deadline and victim is None:
+            return
+        low, high, best = floor, params.steps - 1, None  # finish time and harm fall with fewer steps
+        while low <= high:
+            mid = (low + high) // 2
+            finish_mid, victim_mid = verdict(mid)
+            if finish_mid <= state.deadline and victim_mid is None:
+                best, low = mid, mid + 1
+            else:
+                high = mid - 1
+                finish, victim = finish_mid, victim_mid
+        if best is not None:
+            self._serve_steps(state, best)
+            return
+        if victim is not None:
+            raise Rejected(f"admitting it would make request {victim.request_id} miss its SLO")
         need_ms = (finish - now) * 1000.0
         raise Rejected(f"slo_ms {params.slo_ms} cannot be met at the current load: "
                        f"predicted {need_ms:.0f} ms with {floor} steps")
@@ -226,29 +246,41 @@ class StepScheduler:
     def _decode_time(self, state: RequestState) -> float:
         return self.predictor.decode(state.params.height * state.params.width)
 
+    def forecast(self, now: float, extra: RequestState | None = None, extra_steps: int | None = None) -> dict:
+        """Predicted finish time of every request (and of `extra`, with `extra_steps`, as if admitted now), by
+        playing the step-level schedule forward: running requests hold their slots, waiting ones take free
+        slots in policy order, every iteration advances all of them by one step at the predicted time of
+        that iteration's batches (measured/predicted scale included), a joining request spends one
+        iteration being encoded, and a finished one is decoded beside the others."""
+        active = [[s, s.steps_left + (0 if s.encoded else 1)] for s in self.running]
+        queue = self.waiting if extra is None else self.waiting + [extra]
+        queue = self.policy.order(queue, now)
+        remaining = lambda s: (extra_steps if s is extra else s.params.steps) + 1  # + the encode iteration
+        finish, t = {}, now
+        while active or queue:
+            while queue and len(active) < self.max_active:
+                s = queue.pop(0)
+                active.append([s, remaining(s)])
+            k = min(rem for _, rem in active)
+            t += k * self.iteration_time([s for s, _ in active]) * self.iteration_scale
+            still = []
+            for entry in active:
+                entry[1] -= k
+                if entry[1] <= 0:
+                    finish[entry[0]] = t + self._decode_time(entry[0])
+                else:
+                    still.append(entry)
+            active = still
+        return finish
+
     def predict_admission(self, state: RequestState, now: float, steps: int):
         """(predicted finish time of `state` with `steps`, an admitted request it would make late or None)."""
-        ahead = [s for s in self.waiting if self.policy.key(s, now) < self.policy.key(state, now)]
-        active = self.running + ahead + [state]
-        # It runs alongside at most max_active requests: those admitted just before it.
-        t_iter = self.iteration_time(active[-self.max_active:]) * self.iteration_scale
-        # With every slot taken it waits for the work ahead of it (fluid approximation over the slots).
-        wait = 0.0
-        if len(active) > self.max_active:
-            work = sum(s.steps_left * t_iter + self._decode_time(s) for s in self.running)
-            work += sum(self.predictor.encode(s.unet_rows) + s.params.steps * t_iter + self._decode_time(s)
-                        for s in ahead)
-            wait = work / self.max_active
-        finish = now + wait + self.predictor.encode(state.unet_rows) + steps * t_iter + self._decode_time(state)
-        before = self.iteration_time(self.running) * self.iteration_scale if self.running else 0.0
-        for s in self.running:
-            if s.deadline is None:
-                continue
-            late_now = now + s.steps_left * before + self._decode_time(s) > s.deadline
-            late_after = now + s.steps_left * t_iter + self._decode_time(s) > s.deadline
-            if late_after and not late_now:
-                return finish, s
-        return finish, None
+        before = self.forecast(now)
+        finish = self.forecast(now, state, steps)
+        for s, t in finish.items():
+            if s is not state and s.deadline is not None and t > s.deadline >= before[s]:
+                return finish[state], s
+        return finish[state], None
 
     # ---- iteration -------------------------------------------------------------------------
     @property

@@ -128,35 +128,54 @@ def make_slo_state(i, slo_ms, steps=10, min_steps=None):
 
 
 def test_admission_rejects_exactly_the_infeasible_requests():
-    # Alone: 0.0625 encode + 10 x 0.125 (2 rows) + 0.0625 decode = 1.375 s.
+    # The forecast: a joining request spends one iteration being encoded, then its steps, then its decode.
+    # Alone: 11 x 0.125 (2 rows) + 0.0625 decode = 1.4375 s.
     scheduler = StepScheduler(max_active=4, predictor=exact_predictor())
-    scheduler.add(make_slo_state(1, 1375), now=0.0)  # exactly feasible
-    with pytest.raises(Rejected, match="slo_ms 1374 cannot be met"):
-        StepScheduler(max_active=4, predictor=exact_predictor()).add(make_slo_state(2, 1374), now=0.0)
-    # With request 1 waiting ahead (FCFS), both advance together: 4 rows = 0.25 s per step.
-    # 0.0625 + 10 x 0.25 + 0.0625 = 2.625 s.
-    with pytest.raises(Rejected):
-        scheduler.add(make_slo_state(3, 2624), now=0.0)
-    scheduler.add(make_slo_state(4, 2625), now=0.0)
+    scheduler.add(make_slo_state(1, 1438), now=0.0)  # feasible (1437.5 ms)
+    with pytest.raises(Rejected, match="slo_ms 1437 cannot be met"):
+        StepScheduler(max_active=4, predictor=exact_predictor()).add(make_slo_state(2, 1437), now=0.0)
+    # With a loose request waiting ahead (FCFS), both advance together: 4 rows = 0.25 s an iteration.
+    # 11 x 0.25 + 0.0625 = 2.8125 s. (Beside the tight request 1, either would make it late.)
+    loose = StepScheduler(max_active=4, predictor=exact_predictor())
+    loose.add(make_slo_state(1, 10_000), now=0.0)
+    with pytest.raises(Rejected, match="slo_ms 2812 cannot be met"):
+        loose.add(make_slo_state(3, 2812), now=0.0)
+    loose.add(make_slo_state(4, 2813), now=0.0)
+    with pytest.raises(Rejected, match="would make request r1 miss its SLO"):
+        scheduler.add(make_slo_state(5, 100_000), now=0.0)
 
 
 def test_admission_serves_fewer_steps_when_allowed():
     scheduler = StepScheduler(max_active=4, predictor=exact_predictor())
-    state = make_slo_state(1, 1000, steps=10, min_steps=4)  # 0.125 + n x 0.125 <= 1.0 -> n = 7
+    state = make_slo_state(1, 1000, steps=10, min_steps=4)  # (n + 1) x 0.125 + 0.0625 <= 1.0 -> n = 6
     scheduler.add(state, now=0.0)
-    assert (state.params.steps, state.requested_steps) == (7, 10)
+    assert (state.params.steps, state.requested_steps) == (6, 10)
     with pytest.raises(Rejected, match="with 4 steps"):
         StepScheduler(max_active=4, predictor=exact_predictor()).add(make_slo_state(2, 600, min_steps=4), now=0.0)
 
 
 def test_admission_protects_admitted_requests():
     scheduler = StepScheduler(max_active=4, predictor=exact_predictor())
-    tight = make_slo_state(1, 1375)
+    tight = make_slo_state(1, 1438)
     scheduler.add(tight, now=0.0)
     scheduler.running.append(scheduler.waiting.pop())  # admitted and running, on schedule exactly
-    tight.steps_target = 10
+    tight.steps_target = 11  # ten steps and the encode iteration, as the forecast counts them
     with pytest.raises(Rejected, match="would make request r1 miss its SLO"):
         scheduler.add(make_slo_state(2, 100_000), now=0.0)
+
+
+def test_admission_protects_admitted_requests_that_still_wait():
+    """A request admitted but still queued is protected too: an urgent newcomer that EDF would put ahead of
+    it may not push it past its deadline."""
+    scheduler = StepScheduler(max_active=1, predictor=exact_predictor(), policy=create_policy("edf"))
+    first = make_slo_state(1, 1438)
+    scheduler.add(first, now=0.0)
+    waiting = make_slo_state(2, 2 * 1438)  # second in line, exactly on time behind the first
+    scheduler.add(waiting, now=0.0)
+    urgent = make_slo_state(3, 1438)  # due before `waiting`: EDF would run it first
+    urgent.params.priority = 1
+    with pytest.raises(Rejected, match="would make request r"):
+        scheduler.add(urgent, now=0.0)
 
 
 def test_srpt_orders_by_remaining_work_and_fcfs_by_arrival():
@@ -208,7 +227,7 @@ def test_admission_scales_by_measured_over_predicted_iteration_time():
     for _ in range(50):
         scheduler.observe_iteration([request(9, None)], seconds=0.2)
     assert abs(scheduler.iteration_scale - 2.0) < 1e-3
-    with pytest.raises(Rejected, match="predicted 2000 ms"):
+    with pytest.raises(Rejected, match="predicted 2200 ms"):  # (10 steps + the encode iteration) x 0.2 s
         scheduler.add(request(1, slo_ms=1500), now=0.0)
     scheduler.observe_iteration([request(9, None)], seconds=100.0)  # one stall moves it a bounded step
     assert scheduler.iteration_scale < 2.0 * 0.8 + 5.0 * 0.2 + 1e-9

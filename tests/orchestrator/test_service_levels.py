@@ -58,13 +58,13 @@ def auto_state(i, steps=20, slo_ms=1500, min_quality=0.7):
 
 def test_admission_degrades_steps_down_to_the_floor_and_no_further():
     scheduler = loaded_scheduler()
-    # Alone: 0.1 s per step (2 rows), so 20 steps need 2 s; 1.5 s allows 15 steps.
+    # Alone: 0.1 s an iteration (2 rows) and one iteration to encode, so 1.5 s allows 14 steps.
     first = auto_state(1)
     scheduler.add(first, now=0.0)
-    assert (first.params.steps, first.requested_steps, first.quality_steps) == (15, 20, 8)
-    # A request with a 0.7 s SLO would need 7 steps: below the floor of 8, so it is refused.
+    assert (first.params.steps, first.requested_steps, first.quality_steps) == (14, 20, 8)
+    # A request with a 0.8 s SLO would get 7 steps: below the floor of 8, so it is refused.
     with pytest.raises(Rejected, match="with 8 steps"):
-        loaded_scheduler().add(auto_state(2, slo_ms=700), now=0.0)
+        loaded_scheduler().add(auto_state(2, slo_ms=800), now=0.0)
 
 
 def test_the_entropy_stop_never_ends_before_the_floor():
