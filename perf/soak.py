@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = Counter(f"{r['kind']}:{r['outcome']}" for r in records if r)
     first, last = sampler.at(progress["warm_t"]), sampler.samples[-1]
     growth, before_kb, after_kb = growth_pct(first, last)
+    server_growth = 100.0 * (last["tritonserver"] - first["tritonserver"]) / first["tritonserver"]
     ok = sum(1 for r in records if r and r["outcome"] == "ok")
     report = {
         "bench": "soak", "device": device_name("cpu"), "date": time.strftime("%Y-%m-%d"),
@@ -252,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         "requests": len(requests), "lost": lost, "answered_ok": ok, "elapsed_s": round(elapsed, 1),
         "throughput_rps": round(len(requests) / elapsed, 2), "workers": args.workers,
         "rss_growth_pct": round(growth, 2), "rss_kb_after_warmup": before_kb, "rss_kb_at_end": after_kb,
+        # tritonserver alone (a small part of the total: the stubs hold the models)
+        "tritonserver_rss_growth_pct": round(server_growth, 2),
+        "tritonserver_rss_kb": [first["tritonserver"], last["tritonserver"]],
         "warmup_end_s": progress["warm_t"], "killed": args.kill or None, "killed_at_s": progress["killed_t"],
         "supervisor": {f"{action}:{model}": n for (action, model), n in reloads.items()},
         "outcomes": dict(sorted(outcomes.items())),
