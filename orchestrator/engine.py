@@ -50,6 +50,8 @@ class Engine:
         self._failures = 0  # consecutive iterations that failed outside the runner
         self.broken: str | None = None  # why the loop gave up, if it did
         self.last_iteration: float | None = None
+        self._sending_since: float | None = None  # a sink call in progress (they should take microseconds)
+        self.send_stuck_s = 10.0
 
     # ---- intake (any thread) -------------------------------------------------------------
     def submit(self, state: RequestState) -> None:
@@ -78,6 +80,9 @@ class Engine:
             broken = self.broken
             if broken is None and self.scheduler.has_work and age is not None and age > self.stuck_after_s:
                 broken = f"no iteration for {age:.0f} s with requests waiting"
+            sending = self._sending_since
+            if broken is None and sending is not None and time.monotonic() - sending > self.send_stuck_s:
+                broken = f"a response has been sending for {time.monotonic() - sending:.0f} s"
             return {"ok": broken is None and (running or self._thread is None), "broken": broken,
                     "waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                     "closed": self.scheduler.closed is not None, "last_iteration_age_s": age}
@@ -192,26 +197,30 @@ class Engine:
             self._answer(state, lambda s=state: s.sink.fail(s.error))
             self.observer.request_done(state)
 
-    @staticmethod
-    def _send(state: RequestState, send) -> None:
+    def _send(self, state: RequestState, send) -> None:
         """A progress or preview message; if the sink cannot take it, the client is gone: stop the work."""
+        self._sending_since = time.monotonic()
         try:
             send()
-        except Exception:  # noqa: BLE001
-            log.warning("sink of %s failed; cancelling it", state.request_id, exc_info=True)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("sink of %s failed (%s); cancelling it", state.request_id, exc)
             state.cancel_requested = True
+        finally:
+            self._sending_since = None
 
-    @staticmethod
-    def _answer(state: RequestState, send) -> None:
+    def _answer(self, state: RequestState, send) -> None:
         """The one final answer of a request: never twice, and a sink that raises cannot stop the loop."""
         if state.answered:
             log.error("request %s was already answered; dropping a second final answer", state.request_id)
             return
         state.answered = True
+        self._sending_since = time.monotonic()
         try:
             send()
-        except Exception:  # noqa: BLE001
-            log.warning("final answer of %s could not be sent", state.request_id, exc_info=True)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("final answer of %s could not be sent (%s)", state.request_id, exc)
+        finally:
+            self._sending_since = None
 
     def metadata(self, state: RequestState) -> dict:
         t = state.times

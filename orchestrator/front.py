@@ -1,26 +1,25 @@
 """The fronts (`text_to_image`, `text_to_image_stream`): what clients call. Plain Python; the Triton
-adapter supplies the I/O.
+adapter supplies the I/O and the connection to the orchestrator (triffusion.channel).
 
 A front validates and tokenizes a request (off the orchestrator's process, so a huge prompt stalls no
-one), forwards it to the orchestrator and owns the client's request until its one final answer:
+one), submits it to the orchestrator and owns the client's request until its one final answer:
 - the orchestrator's answer, relayed (progress and previews too, on the streaming front);
-- CANCELLED when the client went away or its own deadline (the request's timeout) passed, after which
-  the orchestrator is told to stop the work;
-- UNAVAILABLE when the orchestrator process that holds the request died: Triton 2.51 would never answer
-  such a request, and never restarts the stub (the supervisor reloads it).
+- CANCELLED when the client went away or its own deadline (the request's timeout) passed: the
+  orchestrator is told to stop the work and answers, or the front answers after `cancel_grace_s`;
+- UNAVAILABLE when the connection to the orchestrator that holds the request broke (its process died):
+  Triton 2.51 would never answer such a request, and never restarts the stub (the supervisor reloads it).
 A front holds at most `max_inflight` requests and refuses more at once (UNAVAILABLE)."""
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -48,8 +47,10 @@ class Inflight:
     sink: FrontSink
     stream: bool
     deadline: float | None  # monotonic time the client stops waiting (its request timeout)
-    orchestrator: int | None  # pid of the orchestrator process the request went to
+    orchestrator: int | None  # the connection (its generation) to the orchestrator the request went to
     done: bool = False
+    giving_up: ServingError | None = None  # the front asked the orchestrator to stop it, for this reason
+    gave_up_at: float = 0.0
     last_cancel_check: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -57,12 +58,12 @@ class Inflight:
 class Front:
     def __init__(self, limits: Limits, tokenizer, *, unary: bool, max_inflight: int = 256,
                  find_orchestrator: Callable[[], int | None] = lambda: None,
-                 alive: Callable[[int], bool] = lambda pid: True, cancel: Callable[[str], None] = lambda rid: None,
-                 clock=time.monotonic, cancel_check_s: float = 0.5):
+                 alive: Callable[[int], bool] = lambda link: True, cancel: Callable[[str], None] = lambda rid: None,
+                 clock=time.monotonic, cancel_check_s: float = 0.5, cancel_grace_s: float = 10.0):
         self.limits, self.tokenizer, self.unary = limits, tokenizer, unary
         self.max_inflight = max_inflight
         self.find_orchestrator, self.alive, self.cancel = find_orchestrator, alive, cancel
-        self.clock, self.cancel_check_s = clock, cancel_check_s
+        self.clock, self.cancel_check_s, self.cancel_grace_s = clock, cancel_check_s, cancel_grace_s
         self._inflight: dict[str, Inflight] = {}
         self._lock = threading.Lock()
         self._orchestrator: int | None = None
@@ -96,11 +97,16 @@ class Front:
             self._inflight[inflight.id] = inflight
             return inflight
 
-    def payload(self, inflight: Inflight, params: GenerationParams, received: float) -> bytes:
-        """The orchestrator's `request` input: validated parameters, the id cancels refer to, and the
-        monotonic time the front received the request (the SLO counts from it)."""
-        body = {"id": inflight.id, "received": received, "params": asdict(params)}
-        return json.dumps(body).encode()
+    @staticmethod
+    def submission(inflight: Inflight, params: GenerationParams, input_ids, received: float) -> dict:
+        """What the orchestrator gets: validated parameters, token ids, the id that answers and cancellations
+        refer to, and the monotonic time the front received the request (the SLO counts from it)."""
+        return {"op": "submit", "id": inflight.id, "received": received, "params": asdict(params),
+                "input_ids": input_ids}
+
+    def lookup(self, request_id: str) -> Inflight | None:
+        with self._lock:
+            return self._inflight.get(request_id)
 
     # ---- answers -----------------------------------------------------------------------------
     def relay(self, inflight: Inflight, kind: str, value) -> None:
@@ -113,13 +119,19 @@ class Front:
                 return
             try:
                 (inflight.sink.progress if kind == "progress" else inflight.sink.preview)(value)
-            except Exception:  # noqa: BLE001 - the client is gone; the sweep cancels the work
+                return
+            except Exception:  # noqa: BLE001 - the client is gone: stop the work
                 log.debug("relay to %s failed", inflight.id, exc_info=True)
+        self._give_up(inflight, Cancelled("cancelled by the client"))
 
     def finish(self, inflight: Inflight, image, metadata: bytes) -> None:
+        if inflight.giving_up is not None:  # finished before the cancellation landed: the client left
+            self.fail(inflight, inflight.giving_up)
+            return
         self._final(inflight, lambda: inflight.sink.finish(image, metadata))
 
     def fail(self, inflight: Inflight, error: ServingError) -> None:
+        error = inflight.giving_up or error  # the reason the front stopped it, not the orchestrator's echo
         self._final(inflight, lambda: inflight.sink.fail(error))
 
     def _final(self, inflight: Inflight, send) -> bool:
@@ -155,6 +167,10 @@ class Front:
                         "orchestrator", "stopped while serving the request; retry it"))):
                     self.abandoned += 1
                 continue
+            if item.giving_up is not None:
+                if now - item.gave_up_at >= self.cancel_grace_s:  # the orchestrator did not answer in time
+                    self._final(item, lambda i=item: i.sink.fail(i.giving_up))
+                continue
             if item.deadline is not None and now >= item.deadline:
                 self._give_up(item, Cancelled("the request's timeout passed before it finished"))
                 continue
@@ -171,11 +187,17 @@ class Front:
                     self._give_up(item, Cancelled("cancelled by the client"))
 
     def _give_up(self, item: Inflight, error: ServingError) -> None:
-        if self._final(item, lambda: item.sink.fail(error)):
-            try:
-                self.cancel(item.id)  # the orchestrator frees the slot at its next step boundary
-            except Exception:  # noqa: BLE001
-                log.warning("could not cancel %s in the orchestrator", item.id, exc_info=True)
+        """Stop the work: the orchestrator frees the slot at its next step boundary and answers; the forward
+        thread then sends the client this error. (Sending it from here, while the forward thread still
+        relays for the request, crashes the bundled python backend's stub under load.) Should the
+        orchestrator not answer within `cancel_grace_s`, the sweep answers instead."""
+        if item.giving_up is not None:
+            return
+        item.giving_up, item.gave_up_at = error, self.clock()
+        try:
+            self.cancel(item.id)
+        except Exception:  # noqa: BLE001
+            log.warning("could not cancel %s in the orchestrator", item.id, exc_info=True)
 
     def _live_orchestrator(self) -> int | None:
         with self._lock:
@@ -199,9 +221,15 @@ class Front:
             return len(self._inflight)
 
 
-def decode_status(raw: Any) -> ServingError:
-    """The orchestrator's typed failure (the `status` output) as a ServingError."""
-    try:
-        return ServingError.from_dict(json.loads(raw))
-    except (ValueError, TypeError):
-        return ServingError("the orchestrator answered with an unreadable status")
+def dispatch(front: Front, message: dict) -> None:
+    """One message from the orchestrator, to the request it answers (if the front still holds it)."""
+    inflight = front.lookup(str(message.get("id")))
+    if inflight is None:
+        return  # answered already (cancelled, timed out, the orchestrator restarted)
+    kind = message.get("kind")
+    if kind in ("progress", "preview"):
+        front.relay(inflight, kind, message["value"])
+    elif kind == "finish":
+        front.finish(inflight, message["image"], message["metadata"])
+    elif kind == "fail":
+        front.fail(inflight, ServingError.from_dict(message.get("error") or {}))

@@ -204,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         repo = str(Path(tempfile.mkdtemp()) / "repo")
         subprocess.run([sys.executable, "-m", "triffusion.export", "build", "--preset", "tiny", "--unet-variant",
                         "tiny-lite", "--cascade", "tiny-lite", "--out", repo], check=True, capture_output=True)
-    server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    log_file = Path(tempfile.mkdtemp()) / "server.log"
+    server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                          log_file=log_file)
+    print(f"server log: {log_file}", file=sys.stderr)
     requests = plan(args.requests, args.seed)
     records: list[dict | None] = [None] * len(requests)
     progress = {"done": 0, "warm_t": None, "killed_t": None}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -43,6 +44,25 @@ def request_scalar(request, name: str):
         raise InvalidRequest(name, f"has {array.size} elements; every request field has shape [1]")
     value = array.reshape(-1)[0]
     return value if isinstance(value, bytes) else value.item()
+
+
+# The bundled python backend (r24.10) is not safe for response senders used from several threads at once:
+# concurrent send() and is_cancelled() calls crash the stub (SIGSEGV in libpython or in its shared-memory
+# code), measured under load with 8 concurrent streams. Every sender call in this process goes through here.
+_SENDER = threading.Lock()
+
+
+def send(sender, response, final: bool = False) -> None:
+    with _SENDER:
+        if final:
+            sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        else:
+            sender.send(response)
+
+
+def is_cancelled(sender) -> bool:
+    with _SENDER:
+        return sender.is_cancelled()
 
 
 def triton_error(error: ServingError) -> "pb_utils.TritonError":

@@ -45,7 +45,7 @@ def _serve(args) -> int:
 # `stream` (the command streams over gRPC when it shows progress or saves previews). Ranges and choices come
 # from the server's INVALID_ARG answers, which name the field and what it allows.
 GENERATE_FIELDS = ("negative_prompt", "height", "width", "steps", "guidance_scale", "seed", "scheduler",
-                   "slo_ms", "priority", "min_steps", "step_mode", "unet", "preview_every")
+                   "slo_ms", "slo_class", "priority", "min_steps", "step_mode", "unet", "preview_every")
 
 
 def _generate(args) -> int:
@@ -151,6 +151,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--slo-ms", type=int, help="end-to-end latency objective; a server that cannot meet it "
                                                "refuses at once (UNAVAILABLE)")
     g.add_argument("--priority", type=int, help="higher runs first under the edf and priority policies")
+    g.add_argument("--slo-class", help="a served SLO class (e.g. interactive): its SLO, priority and quality "
+                                       "floor; the server lists its classes when the name is wrong")
     g.add_argument("--min-steps", type=int, help="may serve fewer steps, down to this, to meet --slo-ms")
     g.add_argument("--step-mode", choices=STEP_MODES, help="fixed (default): exactly --steps; auto: the server "
                                                            "may stop early once the image settles")

@@ -68,15 +68,8 @@ RESPONSE_OUTPUTS = (
 )
 STREAM_ONLY = ("stream", "preview_every")  # request fields the unary front refuses (nothing to stream to)
 
-# Front -> orchestrator (internal). Every dim is fixed. A generation carries `request` (JSON: the
-# validated parameters, the front's request id and the monotonic time it received the request) and
-# `input_ids` (negative prompt first; the first row is ignored without CFG). A control message carries
-# only `control` (JSON: {"op": "cancel" | "health" | "drain", ...}). Failures and control replies come
-# back in `status` (JSON: {"code", "reason", "message"}): codes travel as data, because BLS callers of
-# the bundled Triton see every error as INTERNAL.
-ORCHESTRATOR_INPUTS = (
-    TensorSpec("request", "BYTES", (1,)),
-    TensorSpec("input_ids", "INT64", (2, TEXT_MAX_LENGTH)),
-    TensorSpec("control", "BYTES", (1,)),
-)
-ORCHESTRATOR_OUTPUTS = RESPONSE_OUTPUTS + (TensorSpec("status", "BYTES", (1,)),)
+# The orchestrator through Triton (internal): control messages only (JSON: {"op": "health" | "drain" |
+# "events" | "profile", "key": the admin key}), answered in `status` (JSON: {"code", ...}). The fronts
+# submit generations over a Unix socket instead (triffusion.channel).
+ORCHESTRATOR_INPUTS = (TensorSpec("control", "BYTES", (1,)),)
+ORCHESTRATOR_OUTPUTS = (TensorSpec("status", "BYTES", (1,)),)

@@ -5,7 +5,7 @@ dies, the client leaves or the request's timeout passes."""
 import pytest
 
 from triffusion.orchestrator.errors import Code, InvalidRequest, ServingError
-from triffusion.orchestrator.front import Front, decode_status
+from triffusion.orchestrator.front import Front, dispatch
 from triffusion.orchestrator.params import Limits
 
 
@@ -136,9 +136,10 @@ def test_a_client_that_left_is_answered_and_its_work_cancelled():
     sink = Sink()
     inflight = front.accept(sink, True, None)
     sink.cancelled = True
-    front.sweep()  # the first check is due at once
-    assert sink.events == [("fail", Code.CANCELLED, "cancelled by the client")]
+    front.sweep()  # the first check is due at once: the orchestrator is told to stop the work
     assert state["cancelled"] == [inflight.id]
+    front.fail(inflight, ServingError("the orchestrator's answer", code=Code.CANCELLED))
+    assert sink.events == [("fail", Code.CANCELLED, "cancelled by the client")]  # the front's reason
 
 
 def test_is_cancelled_is_polled_at_most_every_cancel_check_s():
@@ -162,11 +163,41 @@ def test_the_requests_own_timeout_cancels_it():
     assert sink.events == []
     clock.now += 0.2
     front.sweep()
-    assert sink.events == [("fail", Code.CANCELLED, "the request's timeout passed before it finished")]
     assert state["cancelled"] == [inflight.id]
+    clock.now += front.cancel_grace_s  # no answer from the orchestrator: the front answers itself
+    front.sweep()
+    assert sink.events == [("fail", Code.CANCELLED, "the request's timeout passed before it finished")]
 
 
-def test_status_from_the_orchestrator_keeps_its_code():
-    error = decode_status(b'{"code": "UNAVAILABLE", "reason": "slo", "message": "slo_ms 10 cannot be met"}')
-    assert (error.code, error.reason, error.message) == (Code.UNAVAILABLE, "slo", "slo_ms 10 cannot be met")
-    assert decode_status(b"not json").code is Code.INTERNAL
+def test_answers_from_the_orchestrator_reach_their_request_with_their_code():
+    front, _, _ = make_front(unary=False)
+    sink, other = Sink(), Sink()
+    inflight = front.accept(sink, True, None)
+    front.accept(other, True, None)
+    dispatch(front, {"id": inflight.id, "kind": "progress", "value": [1, 4]})
+    dispatch(front, {"id": inflight.id, "kind": "fail",
+                     "error": {"code": "UNAVAILABLE", "reason": "slo", "message": "slo_ms 10 cannot be met"}})
+    dispatch(front, {"id": inflight.id, "kind": "finish", "image": "late", "metadata": b"{}"})  # no one to tell
+    dispatch(front, {"id": "unknown", "kind": "finish", "image": "x", "metadata": b"{}"})
+    assert sink.events == [("progress", [1, 4]), ("fail", Code.UNAVAILABLE, "slo_ms 10 cannot be met")]
+    assert other.events == [] and front.inflight == 1
+
+
+def test_a_cancelled_request_is_answered_by_the_orchestrator_or_after_the_grace():
+    front, state, clock = make_front(unary=False, cancel_grace_s=10.0)
+    sink = Sink()
+    inflight = front.accept(sink, True, None)
+    sink.cancelled = True
+    front.sweep()  # the front asks the orchestrator to stop it and waits for its answer
+    assert state["cancelled"] == [inflight.id] and sink.events == []
+    dispatch(front, {"id": inflight.id, "kind": "fail",
+                     "error": {"code": "CANCELLED", "reason": "cancelled", "message": "cancelled by the client"}})
+    assert sink.events == [("fail", Code.CANCELLED, "cancelled by the client")]
+    silent = Sink()
+    front.accept(silent, True, timeout_s=1.0)
+    clock.now += 1.5  # its timeout passed; the orchestrator never answers the cancellation
+    front.sweep()
+    assert silent.events == []
+    clock.now += 10.0
+    front.sweep()
+    assert silent.events == [("fail", Code.CANCELLED, "the request's timeout passed before it finished")]

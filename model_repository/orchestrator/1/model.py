@@ -1,6 +1,8 @@
-"""Triton adapter for the orchestrator (decoupled, internal: only the fronts call it). Generation
-requests in, the engine in between, progress and the final image out; failures and control replies
-travel as a typed `status` output. Policy lives in triffusion.orchestrator."""
+"""Triton adapter for the orchestrator (internal: clients call the fronts). It hosts the engine; the
+fronts submit generations and cancellations over a Unix socket (triffusion.channel) and get progress,
+previews and one final answer back the same way. Through Triton it takes only control messages (health,
+drain, the supervisor's counts, the learned latency model), answered in a typed `status` output. Policy
+lives in triffusion.orchestrator."""
 
 import json
 import logging
@@ -11,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from triffusion.bls import Deadlines, InProcessUNetExecutor, TritonExecutor, request_scalar
+from triffusion.bls import Deadlines, InProcessUNetExecutor, TritonExecutor, request_scalar, send
+from triffusion.channel import ChannelClosed, Listener, socket_path
 from triffusion.orchestrator.config import OrchestratorConfig, build_engine, unets_of
 from triffusion.orchestrator.errors import InvalidRequest, ServingError
 from triffusion.orchestrator.metrics import MetricsObserver
@@ -19,7 +22,6 @@ from triffusion.orchestrator.params import parse_params
 from triffusion.orchestrator.request import RequestState
 from triffusion.runtime import create_runtime
 
-FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 ADMIN_KEY = os.environ.get("TRIFFUSION_ADMIN_KEY")  # set by `triffusion serve`; control ops must carry it
 DRAIN_GRACE_S = float(os.environ.get("TRIFFUSION_DRAIN_GRACE_S", "0"))
 log = logging.getLogger("triffusion.orchestrator")
@@ -29,25 +31,25 @@ def _status(payload: dict):
     return pb_utils.Tensor("status", np.array([json.dumps(payload).encode()], dtype=np.object_))
 
 
-class ResponseSink:
-    """Sends one request's progress, previews and its final answer through its response sender."""
+class ChannelSink:
+    """One request's progress, previews and final answer, back to the front that submitted it. A front that
+    is gone makes every send raise (ChannelClosed): the engine then stops the request's work."""
 
-    def __init__(self, sender):
-        self.sender = sender
+    def __init__(self, channel, request_id: str):
+        self.channel, self.id = channel, request_id
 
     def progress(self, step, steps):
-        self.sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("progress", np.array([step, steps], np.int32))]))
+        self.channel.send({"id": self.id, "kind": "progress", "value": np.array([step, steps], np.int32)})
 
     def preview(self, image):
-        self.sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("preview", np.ascontiguousarray(image))]))
+        self.channel.send({"id": self.id, "kind": "preview", "value": np.ascontiguousarray(image)})
 
     def finish(self, image, metadata):
-        self.sender.send(pb_utils.InferenceResponse([
-            pb_utils.Tensor("image", np.ascontiguousarray(image)),
-            pb_utils.Tensor("metadata", np.array([json.dumps(metadata).encode()], dtype=np.object_))]), flags=FINAL)
+        self.channel.send({"id": self.id, "kind": "finish", "image": np.ascontiguousarray(image),
+                           "metadata": json.dumps(metadata).encode()})
 
     def fail(self, error):
-        self.sender.send(pb_utils.InferenceResponse([_status(error.to_dict())]), flags=FINAL)
+        self.channel.send({"id": self.id, "kind": "fail", "error": error.to_dict()})
 
 
 class TritonPythonModel:
@@ -67,6 +69,7 @@ class TritonPythonModel:
         executor = self._executor(Path(args["model_repository"]).parent, pipeline)
         self.engine, self.limits = build_engine(self.config, pipeline, executor, profile=profile, observer=observer)
         self.engine.start()
+        self.listener = Listener(socket_path(os.getppid()), self._serve_front)
 
     def _executor(self, repository, pipeline):
         """`unet_executor`: "bls" (UNet is its own Triton model) or "inprocess" (UNet runs here)."""
@@ -78,32 +81,32 @@ class TritonPythonModel:
                  for name in self.unets.values()}
         return InProcessUNetExecutor(unets, self.deadlines)
 
-    def execute(self, requests):
-        for request in requests:
-            sender = request.get_response_sender()
+    # ---- the fronts' channel ---------------------------------------------------------------------
+    def _serve_front(self, channel):
+        """One front's submissions and cancellations, until it disconnects."""
+        while (message := channel.recv()) is not None:
+            request_id = str(message.get("id"))
             try:
-                control = request_scalar(request, "control")
-                if control is not None:
-                    reply = self._control(json.loads(control))
-                    sender.send(pb_utils.InferenceResponse([_status({"code": "OK", **reply})]), flags=FINAL)
-                    continue
-                self.engine.submit(self._state(request, ResponseSink(sender)))
+                if message.get("op") == "cancel":
+                    self.engine.cancel(request_id)
+                else:
+                    self.engine.submit(self._state(message, ChannelSink(channel, request_id)))
             except ServingError as exc:
-                ResponseSink(sender).fail(exc)
-            except Exception:  # noqa: BLE001 - a malformed internal message must not reach the engine
-                log.exception("orchestrator could not take a request")
-                ResponseSink(sender).fail(InvalidRequest("request", "is not a request the orchestrator reads; "
-                                                                    "call text_to_image or text_to_image_stream"))
-        return None
+                self._refuse(channel, request_id, exc)
+            except Exception:  # noqa: BLE001 - a malformed message must not reach the engine
+                log.exception("orchestrator could not take a submission")
+                self._refuse(channel, request_id, InvalidRequest("request", "could not be read"))
 
-    def _state(self, request, sink) -> RequestState:
-        body = request_scalar(request, "request")
-        ids = pb_utils.get_input_tensor_by_name(request, "input_ids")
-        if body is None or ids is None:
-            raise InvalidRequest("request", "is required; clients call text_to_image or text_to_image_stream")
-        message = json.loads(body)
-        params = parse_params(message["params"], self.limits)  # checked again: this model is reachable too
-        ids = ids.as_numpy()
+    @staticmethod
+    def _refuse(channel, request_id, error):
+        try:
+            ChannelSink(channel, request_id).fail(error)
+        except ChannelClosed:
+            pass
+
+    def _state(self, message: dict, sink) -> RequestState:
+        params = parse_params(message["params"], self.limits)  # checked again, as every other input
+        ids = np.asarray(message["input_ids"])
         if ids.shape != (2, 77) or ids.dtype != np.int64 or ids.min() < 0 or ids.max() >= self.vocab_size:
             raise InvalidRequest("input_ids", f"must be (2, 77) token ids below {self.vocab_size}")
         # The SLO counts from when the front received the request (same monotonic clock, same host).
@@ -113,12 +116,28 @@ class TritonPythonModel:
                             cascade=params.unet == "cascade",
                             received=self.engine.clock() - (time.monotonic() - received))
 
+    # ---- control through Triton ---------------------------------------------------------------------
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                control = request_scalar(request, "control")
+                if control is None:
+                    raise InvalidRequest("control", "is required; clients call text_to_image or "
+                                                    "text_to_image_stream")
+                reply = {"code": "OK", **self._control(json.loads(control))}
+            except ServingError as exc:
+                reply = exc.to_dict()
+            except Exception:  # noqa: BLE001
+                log.exception("orchestrator could not read a control message")
+                reply = InvalidRequest("control", "could not be read").to_dict()
+            send(sender, pb_utils.InferenceResponse([_status(reply)]), final=True)
+        return None
+
     def _control(self, message: dict) -> dict:
         op = message.get("op")
         if ADMIN_KEY is not None and message.get("key") != ADMIN_KEY:
             raise InvalidRequest("control", "is refused without the admin key")
-        if op == "cancel":
-            return {"found": self.engine.cancel(str(message.get("id")))}
         if op == "health":
             return self.engine.health()
         if op == "profile":  # what the latency predictor has learned (benchmarks seed the simulator with it)
@@ -131,8 +150,9 @@ class TritonPythonModel:
                 raise InvalidRequest("control", "drain needs an admin key (set by `triffusion serve`)")
             self.engine.drain()
             return self.engine.health()
-        raise InvalidRequest("control", f"op '{op}' is unknown; allowed: cancel, health, drain, events, profile")
+        raise InvalidRequest("control", f"op '{op}' is unknown; allowed: health, drain, events, profile")
 
     def finalize(self):
+        self.listener.close()
         self.engine.stop(grace_s=DRAIN_GRACE_S)
         self.deadlines.close()
