@@ -116,17 +116,19 @@ def write_repository(out_dir: Path, pipeline: dict, *, runtime: str = "onnxrunti
                      orchestrator: dict | None = None, max_inflight: int = 256) -> Path:
     """Write configs and adapters around the artifacts already in `out_dir` (ONNX files, tokenizer).
 
-    With the UNet in the orchestrator (unet_executor inprocess) the UNet models are written as CPU models
-    that load nothing (runtime in_orchestrator): the orchestrator never calls them, and the weights and
-    CUDA graph pools are then on the GPU once, in the orchestrator."""
+    With the UNet in the orchestrator on a GPU (unet_executor inprocess, device cuda) the UNet models are
+    written as CPU models that load nothing (runtime in_orchestrator): the orchestrator never calls them, and
+    the weights and CUDA graph pools are then on the GPU once, in the orchestrator. On the CPU they stay
+    callable models (tests compare them with the ONNX ones)."""
     out_dir = Path(out_dir)
     config = orchestrator_settings(pipeline, runtime, device, orchestrator)
     unets = set(pipeline.get("unets", {}).values()) | {contract.UNET}
+    unets_elsewhere = config.unet_executor == "inprocess" and config.device.startswith("cuda")
     graphs = pipeline.get("graphs", {})
     gpu = device == "cuda"
     for name, component in components.served(pipeline.get("unets", {}).values()).items():
         artifact = Path(pipeline["artifacts"][name]).name
-        if config.unet_executor == "inprocess" and name in unets:
+        if unets_elsewhere and name in unets:
             config_text = component_config(name, component, {"runtime": InOrchestrator.KIND, "artifact": artifact})
         else:
             params = {"runtime": runtime, "artifact": artifact, "device": device}

@@ -1,25 +1,31 @@
 #!/usr/bin/env bash
-# The GPU-host benchmarks, one command each, every one writing its JSON under perf/results/.
-# Run from the repository root in an environment with the project installed (or, on the lent GPU
-# host: bash .gpu-bundle/install.sh && source /tmp/gpu-env.sh). Pass names to run a subset:
-#   bash perf/gpu_suite.sh unet_serving slo_bench quality_aware
+# The GPU-host acceptance suite in one command (perf/gpu_suite.py says what it runs and writes). On a bare
+# GPU host (Python and CUDA torch, no registry) it first installs the offline bundle that
+# perf/gpu_bundle.sh built (.gpu-bundle/, carried with the tree), unless the project is importable already.
+#   bash perf/gpu_suite.sh                          GPU host: everything, within 8 minutes with the install
+#   DEVICE=cpu OUT=/tmp/dry bash perf/gpu_suite.sh  the tiny CPU dry run of the same steps (CI runs it)
+# Environment: DEVICE (cuda), PYTHON (.venv/bin/python where it exists, else python3), OUT (perf/results),
+# BUDGET_S (480 on a GPU, install included), STEPS (a subset: "unet_serving slo_bench"), BUNDLE (.gpu-bundle).
 set -euo pipefail
-PY=${PY:-python}
+started=$(date +%s.%N)
+cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
-TAG=${TAG:-h100}
-which=("$@")
-[ ${#which[@]} -eq 0 ] && which=(unet_serving slo_bench quality_aware)
-for name in "${which[@]}"; do
-  case "$name" in
-    unet_serving)   # issue 3: server vs in-process UNet step at b2/8/16; 50-step 512x512 end to end
-      $PY -m perf.unet_serving --preset sd15 --device "$DEVICE" --size 512 --rows 2,8,16 --steps 50 \
-        --out "perf/results/unet_serving_${TAG}.json" ;;
-    slo_bench)      # issue 5: orchestrator vs both baselines, Poisson sweep + MAF-shaped trace, report
-      $PY -m perf.slo_bench --serve sd15 --device "$DEVICE" --sizes 512 --mix sd15-interactive --slo-ms 5000 \
-        --rates 1,2,4,6 --traces maf:3:120 --requests 20 --out-dir perf/results ;;
-    quality_aware)  # issue 6: auto steps + cascade vs fixed 50 steps, escalation fixed at 30%, simulator error
-      $PY -m perf.quality_aware --preset sd15 --light sd15-small --device "$DEVICE" --size 512 --steps 50 \
-        --slo-ms 3000 --rates 1,2,4,6 --duration 30 --escalate 0.3 --out "perf/results/quality_aware_${TAG}.json" ;;
-    *) echo "unknown benchmark '$name'; choose: unet_serving slo_bench quality_aware" >&2; exit 2 ;;
-  esac
-done
+BUNDLE=${BUNDLE:-.gpu-bundle}
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+if ! "$PYTHON" -c "import triffusion.export.build" >/dev/null 2>&1; then
+  if [ ! -x "$BUNDLE/install.sh" ]; then
+    echo "error: the project is not importable by $PYTHON and there is no $BUNDLE/install.sh; build the bundle" \
+         "where a package registry is reachable: bash perf/gpu_bundle.sh" >&2
+    exit 2
+  fi
+  PYTHON="$PYTHON" bash "$BUNDLE/install.sh"
+fi
+[ -d "$BUNDLE/bin" ] && PATH="$PWD/$BUNDLE/bin:$PATH"
+export PATH
+args=(--device "$DEVICE" --started "$started")
+[ -n "${OUT:-}" ] && args+=(--out-dir "$OUT")
+[ -n "${BUDGET_S:-}" ] && args+=(--budget-s "$BUDGET_S")
+[ -n "${STEPS:-}" ] && args+=(--steps "$STEPS")
+exec "$PYTHON" -m perf.gpu_suite "${args[@]}"

@@ -46,3 +46,11 @@ def test_over_bls_the_unets_are_served_models_again(tiny_build, tmp_path):
                      orchestrator={"unet_executor": "bls"})
     group, params = parameters(tmp_path, contract.UNET)
     assert group == model_config_pb2.ModelInstanceGroup.KIND_GPU and params["graph_shapes"] == "1x8x8,2x8x8"
+
+
+def test_on_the_cpu_the_in_process_unets_stay_callable_models(tiny_build, tmp_path):
+    _, _, info = tiny_build
+    write_repository(tmp_path, torch_gpu_pipeline(info), runtime="torch", device="cpu",
+                     orchestrator={"unet_executor": "inprocess", "runtime": "torch", "device": "cpu"})
+    group, params = parameters(tmp_path, contract.UNET)
+    assert group == model_config_pb2.ModelInstanceGroup.KIND_CPU and params["runtime"] == "torch"
