@@ -3,6 +3,12 @@ embeddings, classifier-free guidance, batch assembly, patch split and stitch, en
 calls and the numpy/torch boundary. It decides nothing: it returns per-request results or per-request
 errors, so one request's failure never fails its batch neighbours.
 
+Tensors are torch tensors on `device` from end to end: the GPU for an in-process torch UNet, the CPU
+when the executor speaks numpy (BLS, onnxruntime), converted right at each executor call. One iteration
+reads no number back to the host but where a decision needs one (the entropy of an early stop, a
+preview) and, on the CPU, at the numpy executor's boundary: requests of a UNet batch whose samplers
+share a step rule are scaled, guided and stepped together (`BatchedStep`).
+
 A batched call that fails is retried one request at a time (unless the component is unavailable, which
 fails everyone in it): the requests that fail alone fail, the others get their results."""
 
@@ -20,7 +26,7 @@ import torch
 from triffusion.contract import TEXT_ENCODER_MAX_BATCH
 
 from .errors import Code, ComponentFailed, ServingError
-from .sampling import Sampler, latent_preview, to_uint8_image
+from .sampling import BatchedStep, Sampler, latent_preview, to_uint8_image
 from .scheduler import Plan, RunnerOutput
 from .stepping import latent_entropy
 
@@ -65,11 +71,15 @@ def to_torch(value, device: torch.device | None = None) -> torch.Tensor:
 class Runner:
     def __init__(self, executor, spec: PipelineSpec, *, device: str | None = None, pipelined: bool = True,
                  clock=time.monotonic, max_decode_batch: int | None = None, patch_grid=None,
-                 max_encode_rows: int = TEXT_ENCODER_MAX_BATCH):
+                 max_encode_rows: int = TEXT_ENCODER_MAX_BATCH, batched_sampling: bool = True):
         self.executor, self.spec, self.clock = executor, spec, clock
         # device: latents and text embeddings live there and the executor takes and returns torch tensors
-        # (an in-process torch UNet); None: the executor speaks numpy (BLS, onnxruntime).
-        self.device = torch.device(device) if device else None
+        # (an in-process torch UNet); None: the executor speaks numpy (BLS, onnxruntime) and the same torch
+        # code runs on the CPU.
+        self.torch_executor = device is not None
+        self.device = torch.device(device or "cpu")
+        # False: every request steps alone through its diffusers scheduler (the reference path).
+        self.batched_sampling = batched_sampling
         self.pipelined = pipelined
         self.max_decode_batch = max_decode_batch  # the VAE engine's largest batch (TensorRT profiles)
         self.max_encode_rows = max_encode_rows  # the text encoder's max_batch_size
@@ -187,42 +197,76 @@ class Runner:
     def _new_sampler(self, state) -> None:
         latent = (self.spec.latent_channels, state.params.height // self.spec.vae_scale_factor,
                   state.params.width // self.spec.vae_scale_factor)
-        self._slots[state].sampler = Sampler(state.params, self.spec.scheduler_config, latent,
-                                             device=self.device or "cpu")
+        self._slots[state].sampler = Sampler(state.params, self.spec.scheduler_config, latent, device=self.device)
 
     def _denoise(self, batch: list, out: RunnerOutput, patched: bool) -> None:
-        # 1. Each request's rows; a request whose inputs cannot be built fails alone.
-        ready, inputs = [], []
-        for state in batch:
-            try:
-                inputs.append(self._slots[state].sampler.model_input(state.steps_done))
-                ready.append(state)
-            except Exception as exc:  # noqa: BLE001
-                log.exception("sampler input failed for %s", state.request_id)
-                out.errors.setdefault(state, as_serving_error("sampler", exc))
+        # 1. Rows: requests whose samplers share a step rule (and guidance mode, latent shape and step kind)
+        #    are gathered and scaled together; the others build theirs alone. A group that fails is retried
+        #    one request at a time, so a request whose inputs cannot be built fails alone.
+        inputs: dict = {}
+        groups: list[tuple[list, BatchedStep | None]] = []
+        for group in self._step_groups(batch):
+            self._isolated(group, out, "sampler", lambda states, _: self._rows(states, inputs, groups))
+        ready = [state for states, _ in groups for state in states]
         if not ready:
             return
         # 2. One UNet call for all of them (retried alone on a failure that is not an outage).
         noise: dict = {}
         self._isolated(ready, out, ready[0].model,
-                       lambda states, _: noise.update(self._unet_call(states, inputs, ready, out, patched)))
-        # 3. Each request's scheduler step (its own sampler: they are stateful).
-        for state in ready:
-            if state not in noise:
-                continue
-            try:
-                sampler = self._slots[state].sampler
-                if state.last_step_pending:  # one last step: this evaluation lands on the clean sample
-                    sampler.last_step(state.steps_done, noise[state])
-                else:
-                    sampler.step(state.steps_done, noise[state])
-                out.stepped[state] = None
-            except Exception as exc:  # noqa: BLE001
-                log.exception("sampler step failed for %s", state.request_id)
-                out.errors.setdefault(state, as_serving_error("sampler", exc))
+                       lambda states, _: noise.update(self._unet_call(states, inputs, out, patched)))
+        # 3. The steps: one per group (retried one request at a time), or per request for a sampler that
+        #    steps alone. A group's stepper holds the rows it gathered; a part of a group gathers anew.
+        for states, stepper in groups:
+            stepped = [s for s in states if s in noise]
+            if len(stepped) < len(states):
+                stepper = None
+            if stepped:
+                self._isolated(stepped, out, "sampler",
+                               lambda subset, _: self._step(subset, stepper if subset is stepped else None, noise, out))
 
-    def _unet_call(self, states, inputs, ready, out: RunnerOutput, patched: bool) -> dict:
-        rows = [inputs[ready.index(s)] for s in states]
+    def _alone(self, sampler: Sampler) -> bool:
+        """Whether this sampler steps through its own diffusers scheduler (pndm, unipc, heun)."""
+        return sampler.batch_key is None or not self.batched_sampling
+
+    def _step_groups(self, batch: list) -> list[list]:
+        """The requests of one UNet batch that step together: same step rule, guidance mode, latent shape,
+        and all taking an ordinary step or all the last one."""
+        groups: dict = {}
+        for state in batch:
+            slot = self._slots.get(state)
+            alone = slot is None or slot.sampler is None or self._alone(slot.sampler)
+            key = id(state) if alone else slot.sampler.batch_key
+            groups.setdefault((key, state.last_step_pending), []).append(state)
+        return list(groups.values())
+
+    def _rows(self, states: list, inputs: dict, groups: list) -> None:
+        """The UNet rows of `states` (one group) into `inputs`; the group and its stepper into `groups`."""
+        samplers = [self._slots[s].sampler for s in states]
+        if self._alone(samplers[0]):
+            inputs[states[0]] = samplers[0].model_input(states[0].steps_done)
+            groups.append((states, None))
+            return
+        stepper = BatchedStep(samplers, [s.steps_done for s in states])
+        sample, timestep = stepper.model_input()
+        rows = [s.unet_rows for s in states]
+        inputs.update(zip(states, zip(sample.split(rows), timestep.split(rows))))
+        groups.append((states, stepper))
+
+    def _step(self, states: list, stepper: BatchedStep | None, noise: dict, out: RunnerOutput) -> None:
+        """One step for `states` (one group, or one request of it), from their UNet output in `noise`."""
+        samplers = [self._slots[s].sampler for s in states]
+        last = states[0].last_step_pending  # one last step: this evaluation lands on the clean sample
+        if self._alone(samplers[0]):
+            step = samplers[0].last_step if last else samplers[0].step
+            step(states[0].steps_done, noise[states[0]])
+        else:
+            stepper = stepper or BatchedStep(samplers, [s.steps_done for s in states])
+            stepper.step(torch.cat([noise[s] for s in states]), last=last)
+        for state in states:
+            out.stepped[state] = None
+
+    def _unet_call(self, states, inputs: dict, out: RunnerOutput, patched: bool) -> dict:
+        rows = [inputs[s] for s in states]
         embeddings = [self._slots[s].embeddings for s in states]
         if not patched:
             sample = torch.cat([x for x, _ in rows])
@@ -247,9 +291,9 @@ class Runner:
 
     def _unet(self, bucket: tuple, sample, timestep, embeddings, out: RunnerOutput) -> torch.Tensor:
         start = self.clock()
-        if self.device is not None:  # tensors stay on the device; the runtime returns when the GPU is done
+        if self.torch_executor:  # tensors stay on the device; the runtime returns when the GPU is done
             noise = self.executor.denoise(bucket[0], sample, timestep, embeddings)
-        else:
+        else:  # the numpy boundary, on the CPU
             noise = to_torch(self.executor.denoise(bucket[0], sample.numpy(), timestep.numpy(), embeddings.numpy()))
         if tuple(noise.shape) != tuple(sample.shape):
             raise ComponentFailed(bucket[0], f"returned shape {tuple(noise.shape)} for input {tuple(sample.shape)}")

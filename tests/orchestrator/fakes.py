@@ -108,3 +108,27 @@ class TimedExecutor(FakeExecutor):
     def decode(self, latent):
         self.clock.now += self.decode_s
         return super().decode(latent)
+
+
+class LatentRecorder(FakeExecutor):
+    """FakeExecutor that keeps every latent batch handed to the VAE (to compare two runs' final latents)."""
+
+    def __init__(self):
+        super().__init__()
+        self.decoded: list[np.ndarray] = []
+
+    def decode(self, latent):
+        self.decoded.append(np.array(latent, copy=True))
+        return super().decode(latent)
+
+
+class TorchFakeExecutor(LatentRecorder):
+    """FakeExecutor's UNet arithmetic on torch tensors in and out (an in-process torch UNet on `device`)."""
+
+    def denoise(self, model, sample, timestep, text_embeddings):
+        import torch
+
+        assert all(isinstance(t, torch.Tensor) for t in (sample, timestep, text_embeddings))
+        self.calls.append(("denoise", len(sample)))
+        return (0.1 * sample + 1e-4 * timestep[:, None, None, None]
+                + text_embeddings.mean(dim=(1, 2))[:, None, None, None])
