@@ -51,6 +51,7 @@ class Engine:
         self.broken: str | None = None  # why the loop gave up, if it did
         self.last_iteration: float | None = None
         self._sending_since: float | None = None  # a sink call in progress (they should take microseconds)
+        self._tail_s = 0.0  # the previous iteration's time after its runner (lock wait, updates, answers)
         self.send_stuck_s = 10.0
 
     # ---- intake (any thread) -------------------------------------------------------------
@@ -145,7 +146,8 @@ class Engine:
 
     def step(self) -> bool:
         """One iteration on the caller's thread (tests and the simulator drive the engine this way)."""
-        with self._cv:
+        started = self.clock()
+        with self._cv:  # waits for admissions in progress: they take the same lock
             plan = self.scheduler.schedule(self.clock())
             self.observer.queue_depth(self.scheduler.queue_depth)
             if plan.decision is not None:
@@ -156,6 +158,10 @@ class Engine:
             log.exception("runner failed on a whole plan")
             error = ServingError(f"the request failed inside the server ({type(exc).__name__}); retry it")
             output = RunnerOutput(errors={state: error for state in plan.requests})
+        tail_started = self.clock()
+        # What an iteration really costs, for admission: from its start to the runner's end, plus the
+        # previous iteration's tail (waiting for the lock, state updates, answers), which this one waited on.
+        output.iteration_s = tail_started - started + self._tail_s
         with self._cv:
             update = self.scheduler.update_from_output(plan, output, self.clock())
             self.last_iteration = self.clock()
@@ -163,6 +169,7 @@ class Engine:
         self.runner.release(update.finished + update.failed)
         self._observe(output, update)
         self._emit(output, update)
+        self._tail_s = self.clock() - tail_started
         return not plan.empty
 
     def _fail_everything(self, error: ServingError) -> None:
@@ -254,6 +261,9 @@ class Engine:
                 "denoise": ms("denoising", "decoding"),
                 "decode": ms("decoding", "finished"),
                 "total": total,
+                # what admission forecast for the total, to compare with it
+                "predicted": (round((state.predicted_finish - state.arrival) * 1000.0, 3)
+                              if state.predicted_finish is not None else None),
             },
         }
 

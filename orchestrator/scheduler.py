@@ -65,6 +65,7 @@ class RunnerOutput:
     unet_calls: list[tuple[tuple, int, float]] = field(default_factory=list)  # (bucket, rows, seconds)
     stages: list[tuple[str, int, float]] = field(default_factory=list)  # ("encode", rows | "decode", pixels, s)
     denoise_s: float = 0.0  # the denoising part of the iteration
+    iteration_s: float = 0.0  # the whole plan, side stages included (the engine measures it)
 
 
 @dataclass
@@ -186,6 +187,7 @@ class StepScheduler:
 
         finish, victim = verdict(params.steps)
         if finish <= state.deadline and victim is None:
+            state.predicted_finish = finish
             return
         low, high, best = floor, params.steps - 1, None  # finish time and harm fall with fewer steps
         while low <= high:
@@ -198,6 +200,7 @@ class StepScheduler:
                 finish, victim = finish_mid, victim_mid
         if best is not None:
             self._serve_steps(state, best)
+            state.predicted_finish = verdict(best)[0]
             return
         if victim is not None:
             raise Rejected(f"admitting it would make request {victim.request_id} miss its SLO")
@@ -381,22 +384,28 @@ class StepScheduler:
             self.predictor.observe_unet(model, h, w, rows, seconds)
         for stage, size, seconds in output.stages:
             self.predictor.observe_stage(stage, size, seconds)
+        # The admission scale learns from whole iterations: on a shared CPU, text encoding and VAE decoding on
+        # the side thread slow the denoising down, and the engine waits for them before the next step.
         stepped = [s for s in plan.stepped if s in output.stepped]
-        if stepped and output.denoise_s > 0:
-            self.observe_iteration(stepped, output.denoise_s)
+        seconds = max(output.iteration_s, output.denoise_s)
+        if stepped and seconds > 0:
+            self.observe_iteration(stepped, seconds)
         return update
 
     def _heavy_in_time(self, state: RequestState, now: float) -> bool:
-        """Whether the heavy model can redo the request before its deadline, running beside the others."""
-        if state.deadline is None:
-            return True
-        heavy = (self.cascade.heavy, state.params.height, state.params.width)
-        others = [s for s in self.running if s is not state]
-        rows = sum(s.unet_rows for s in others if s.bucket == heavy) + state.unet_rows
-        t_step = (self.iteration_time(others) - self.iteration_time([s for s in others if s.bucket == heavy])
-                  + self.predictor.unet_step(*heavy, min(rows, self.max_batch))) * self.iteration_scale
-        finish = now + state.evaluations * t_step + self._decode_time(state)
-        return finish <= state.deadline
+        """Whether the heavy model can redo the request before its deadline without making any admitted
+        request late: the escalation is work admission did not plan, so it must fit like a newcomer."""
+        before = self.forecast(now)
+        saved = state.model, state.steps_done, state.steps_target
+        state.model, state.steps_done, state.steps_target = self.cascade.heavy, 0, state.evaluations
+        try:
+            after = self.forecast(now)
+        finally:
+            state.model, state.steps_done, state.steps_target = saved
+        if state.deadline is not None and after[state] > state.deadline:
+            return False
+        return not any(s is not state and s.deadline is not None and t > s.deadline >= before.get(s, 0.0)
+                       for s, t in after.items())
 
     def _escalate(self, state: RequestState, now: float) -> None:
         """Redo the request on the heavy model: it keeps its slot, its deadline, its text embeddings (the

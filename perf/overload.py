@@ -77,6 +77,7 @@ class RequestRecord:
     steps_done: int | None = None
     unet: str | None = None
     degraded_from_steps: int | None = None
+    timings_ms: dict | None = None  # the server's, from metadata
 
     @property
     def latency_ms(self) -> float | None:
@@ -87,7 +88,7 @@ class RequestRecord:
     def complete(self, finished_s: float, metadata: dict) -> None:
         """A final image arrived: ok, or late when the client saw it after slo_ms."""
         self.finished_s = finished_s
-        for name in ("slo_met", "steps_done", "unet", "degraded_from_steps"):
+        for name in ("slo_met", "steps_done", "unet", "degraded_from_steps", "timings_ms"):
             setattr(self, name, metadata.get(name))
         late = self.slo_ms is not None and self.latency_ms > self.slo_ms
         self.outcome = "late" if late else "ok"

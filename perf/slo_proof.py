@@ -135,7 +135,9 @@ def measure(url: str, model: str, requests: list[dict], arrivals: list[float], w
         "error_reasons": dict(result.summary()["error_reasons"]),
         "raw": [{"arrival_s": round(r.arrival_s, 4), "latency_ms": None if r.latency_ms is None else round(r.latency_ms, 1),
                  "outcome": r.outcome, "slo_ms": r.slo_ms, "steps_done": r.steps_done, "unet": r.unet,
-                 "reason": r.reason} for r in result.records],
+                 "server_slo_met": r.slo_met, "reason": r.reason,
+                 "server_ms": (r.timings_ms or {}).get("total"), "predicted_ms": (r.timings_ms or {}).get("predicted")}
+                for r in result.records],
     }
 
 
@@ -194,7 +196,8 @@ def point(served: Served, rate: float, seed: int, classes: dict, args, arrivals=
 
 def sweep(served: Served, classes: dict, args, predict=None) -> tuple[list[dict], float | None]:
     """Poisson rates up by --step until attainment fell below TARGET twice in a row."""
-    rows, rate, misses, limit = [], args.start_rate, 0, None
+    start = args.start_rate if SYSTEMS[served.system] is not None else args.baseline_start_rate
+    rows, rate, misses, limit = [], start, 0, None
     while rate <= args.max_rate and misses < 2:
         seed = args.seed + len(rows)
         prediction = predict(rate, seed) if predict else None  # made before the point runs
@@ -329,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = OneLineParser(prog="python -m perf.slo_proof", description=__doc__.splitlines()[0])
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--start-rate", type=float, default=2.0)
+    ap.add_argument("--baseline-start-rate", type=float, default=0.5)
     ap.add_argument("--step", type=float, default=1.35, help="rate multiplier between sweep points")
     ap.add_argument("--max-rate", type=float, default=80.0)
     ap.add_argument("--min-requests", type=int, default=100, help="requests per sweep point at least")
@@ -372,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             rows, limit = sweep(served, classes, args, predict)
             limits[system] = limit
             entry.update(sweep=rows, max_load_at_99=limit)
-            base = limit or args.start_rate
+            base = limit or (args.start_rate if SYSTEMS[system] is not None else args.baseline_start_rate)
             entry["traces"] = {}
             for name, arrivals in (("gamma_cv4", gamma_arrivals(0.7 * base, 4.0, 30.0, args.seed + 500)),
                                    ("maf", maf_arrivals(0.7 * base, 30.0, args.seed + 501))):
