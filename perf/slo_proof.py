@@ -136,7 +136,8 @@ def measure(url: str, model: str, requests: list[dict], arrivals: list[float], w
         "raw": [{"arrival_s": round(r.arrival_s, 4), "latency_ms": None if r.latency_ms is None else round(r.latency_ms, 1),
                  "outcome": r.outcome, "slo_ms": r.slo_ms, "steps_done": r.steps_done, "unet": r.unet,
                  "server_slo_met": r.slo_met, "reason": r.reason,
-                 "server_ms": (r.timings_ms or {}).get("total"), "predicted_ms": (r.timings_ms or {}).get("predicted")}
+                 "server_ms": (r.timings_ms or {}).get("total"), "predicted_ms": (r.timings_ms or {}).get("predicted"),
+                 "server_timings_ms": r.timings_ms}
                 for r in result.records],
     }
 
