@@ -7,6 +7,8 @@ from .engine import Observer
 from .request import RequestState, Status
 
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
+STEPS_BUCKETS = [1, 2, 4, 6, 8, 10, 15, 20, 25, 30, 40, 50, 75, 100]
+NO_CLASS = "none"  # the slo_class label of a request that named no SLO class
 SECONDS_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 
 
@@ -16,7 +18,8 @@ class MetricsObserver(Observer):
         # A family must outlive its metrics (the python backend deletes metrics of a dropped family).
         self._families = [
             family("triffusion_requests_total", "Requests by outcome", counter),
-            family("triffusion_slo_total", "Finished requests with an SLO, by whether it was met", counter),
+            family("triffusion_slo_total", "Finished requests with an SLO, by SLO class and whether it was met",
+                   counter),
             family("triffusion_queue_depth", "Requests waiting for a slot", gauge),
             family("triffusion_unet_batch_rows", "UNet rows per GPU call", histogram),
             family("triffusion_stage_seconds", "Time per stage", histogram),
@@ -48,7 +51,14 @@ class MetricsObserver(Observer):
                        for name in ("queue", "encode", "unet", "decode", "total")}
         self._outcomes = {status: self._requests.Metric(labels={"outcome": status.value})
                           for status in (Status.FINISHED, Status.FAILED, Status.CANCELLED, Status.REJECTED)}
-        self._slo_met = {met: self._slo.Metric(labels={"met": str(met).lower()}) for met in (True, False)}
+        # (slo_class, met) -> counter, made on first use; requests without a class are always there.
+        self._slo_met = {(NO_CLASS, met): self._slo.Metric(labels={"slo_class": NO_CLASS, "met": str(met).lower()})
+                         for met in (True, False)}
+        # Dashboards (deploy/monitoring): steps each finished request ran, by SLO class.
+        self._steps_family = family("triffusion_request_steps", "Denoising steps a finished request ran, by SLO "
+                                    "class (fewer than asked: step_mode=auto, an early stop, min_steps)", histogram)
+        self._families.append(self._steps_family)
+        self._steps: dict[str, object] = {}
 
     def request_done(self, state: RequestState) -> None:
         self._outcomes[state.status].increment(1)
@@ -57,8 +67,17 @@ class MetricsObserver(Observer):
             if key not in self._failures:
                 self._failures[key] = self._failure_family.Metric(labels={"code": key[0], "reason": key[1]})
             self._failures[key].increment(1)
+        slo_class = state.params.slo_class or NO_CLASS
         if state.slo_met is not None:
-            self._slo_met[state.slo_met].increment(1)
+            key = (slo_class, state.slo_met)
+            if key not in self._slo_met:
+                self._slo_met[key] = self._slo.Metric(labels={"slo_class": slo_class, "met": str(state.slo_met).lower()})
+            self._slo_met[key].increment(1)
+        if state.status is Status.FINISHED:
+            if slo_class not in self._steps:
+                self._steps[slo_class] = self._steps_family.Metric(labels={"slo_class": slo_class},
+                                                                   buckets=STEPS_BUCKETS)
+            self._steps[slo_class].observe(state.steps_done)
         t = state.times
         if "encoding" in t and "queued" in t:
             self._stage["queue"].observe(t["encoding"] - t["queued"])
