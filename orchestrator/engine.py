@@ -91,7 +91,8 @@ class Engine:
     def profile(self) -> dict:
         """The latency model learned so far (profile.json's format) and the measured/predicted iteration scale."""
         with self._cv:
-            return {**self.scheduler.predictor.to_profile(), "iteration_scale": self.scheduler.iteration_scale}
+            return {**self.scheduler.predictor.to_profile(), "iteration_scale": self.scheduler.iteration_scale,
+                    "forecast_bias": dict(self.scheduler.forecast_bias)}
 
     # ---- loop ------------------------------------------------------------------------------
     def start(self) -> None:

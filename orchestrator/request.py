@@ -55,6 +55,8 @@ class RequestState:
     requested_steps: int | None = None  # what the client asked for, when the server served fewer
     stopper: Any = None  # step_mode "auto": decides when the latent has settled
     predicted_finish: float | None = None  # admission's forecast of its finish (clock time)
+    forecast_s: float | None = None  # admission's unbiased forecast of its remaining time (the bias learns from it)
+    forecast_at: float | None = None  # when admission made it
     quality_steps: int = 0  # the fewest steps that reach the request's quality floor on its model (0: none)
     last_step_pending: bool = False  # the next evaluation jumps to the clean sample
     early_stop: bool = False  # it ended with a last step before its target

@@ -125,6 +125,10 @@ class StepScheduler:
         # UNet-only prediction misses (sampler updates, Python, a side stage competing for the same
         # cores) scales admission. Encode and decode are excluded: they are predicted on their own.
         self.iteration_scale = 1.0
+        # Measured / forecast latency of finished requests, per service level (EWMA): what the forecast's
+        # structure misses (requests that arrive later and overtake a waiting one under EDF, encode and
+        # decode on the shared cores) scales every forecast duration of that level.
+        self.forecast_bias: dict[str, float] = {}
 
     # ---- intake ----------------------------------------------------------------------------
     def add(self, state: RequestState, now: float) -> None:
@@ -176,18 +180,18 @@ class StepScheduler:
         params = state.params
         floor = params.min_steps or (1 if params.step_mode == "auto" else params.steps)
         floor = max(floor, min(state.quality_steps, params.steps))  # never below the quality floor
-        before = self.forecast(now)
+        before = self.finish_times(now)
         late_before = {s for s, t in before.items() if s.deadline is not None and t > s.deadline}
 
         def verdict(steps: int):
-            finish = self.forecast(now, state, steps)
+            finish = self.finish_times(now, state, steps)
             victims = [s for s, t in finish.items() if s is not state and s.deadline is not None
                        and t > s.deadline and s not in late_before]
             return finish[state], victims[0] if victims else None
 
         finish, victim = verdict(params.steps)
         if finish <= state.deadline and victim is None:
-            state.predicted_finish = finish
+            self._admitted(state, now, params.steps, finish)
             return
         low, high, best = floor, params.steps - 1, None  # finish time and harm fall with fewer steps
         while low <= high:
@@ -200,13 +204,18 @@ class StepScheduler:
                 finish, victim = finish_mid, victim_mid
         if best is not None:
             self._serve_steps(state, best)
-            state.predicted_finish = verdict(best)[0]
+            self._admitted(state, now, best, verdict(best)[0])
             return
         if victim is not None:
             raise Rejected(f"admitting it would make request {victim.request_id} miss its SLO")
         need_ms = (finish - now) * 1000.0
         raise Rejected(f"slo_ms {params.slo_ms} cannot be met at the current load: "
                        f"predicted {need_ms:.0f} ms with {floor} steps")
+
+    def _admitted(self, state: RequestState, now: float, steps: int, finish: float) -> None:
+        """Keep what admission forecast: the biased finish (reported) and the raw duration (to learn from)."""
+        state.predicted_finish, state.forecast_at = finish, now
+        state.forecast_s = self.forecast(now, state, steps)[state] - now
 
     def cancel(self, request_id: str) -> bool:
         """The client went away: the request leaves at the next step boundary. False if unknown."""
@@ -245,6 +254,23 @@ class StepScheduler:
         if predicted > 0 and seconds > 0:
             ratio = min(max(seconds / predicted, 0.5), 5.0)  # one stall must not close admission
             self.iteration_scale = (1 - alpha) * self.iteration_scale + alpha * ratio
+
+    @staticmethod
+    def _level(state: RequestState) -> str:
+        return state.params.slo_class or f"priority {state.params.priority}"
+
+    def observe_finish(self, state: RequestState, now: float, alpha: float = 0.2) -> None:
+        """A request admitted with a forecast finished `now`: learn its level's forecast bias."""
+        if state.forecast_s is None or state.forecast_s <= 0 or state.forecast_at is None:
+            return
+        ratio = min(max((now - state.forecast_at) / state.forecast_s, 0.5), 4.0)
+        level = self._level(state)
+        self.forecast_bias[level] = (1 - alpha) * self.forecast_bias.get(level, 1.0) + alpha * ratio
+
+    def finish_times(self, now: float, extra: RequestState | None = None, extra_steps: int | None = None) -> dict:
+        """`forecast`, each remaining duration scaled by its request's level bias (what admission relies on)."""
+        raw = self.forecast(now, extra, extra_steps)
+        return {s: now + (t - now) * self.forecast_bias.get(self._level(s), 1.0) for s, t in raw.items()}
 
     def _decode_time(self, state: RequestState) -> float:
         return self.predictor.decode(state.params.height * state.params.width)
@@ -395,11 +421,11 @@ class StepScheduler:
     def _heavy_in_time(self, state: RequestState, now: float) -> bool:
         """Whether the heavy model can redo the request before its deadline without making any admitted
         request late: the escalation is work admission did not plan, so it must fit like a newcomer."""
-        before = self.forecast(now)
+        before = self.finish_times(now)
         saved = state.model, state.steps_done, state.steps_target
         state.model, state.steps_done, state.steps_target = self.cascade.heavy, 0, state.evaluations
         try:
-            after = self.forecast(now)
+            after = self.finish_times(now)
         finally:
             state.model, state.steps_done, state.steps_target = saved
         if state.deadline is not None and after[state] > state.deadline:
@@ -421,6 +447,8 @@ class StepScheduler:
 
     def _end(self, state: RequestState, status: Status, error: ServingError | None, now: float,
              update: Update) -> None:
+        if status is Status.FINISHED:
+            self.observe_finish(state, now)
         state.error = error
         state.enter(status, now)
         self.release(state)

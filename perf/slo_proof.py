@@ -230,6 +230,7 @@ class Predictor:
         # The export's profile, overridden by what the server learned in the calibration run, with the
         # iteration overhead it measured (sampler steps, Python) folded into the UNet times.
         scale = learned.pop("iteration_scale", 1.0)
+        learned.pop("forecast_bias", None)  # the simulated scheduler learns its own
         unet = {tuple(row[:4]): row[4] for row in exported["unet"]}
         unet.update({tuple(row[:4]): row[4] for row in learned["unet"]})
         stages = {tuple(row[:2]): row[2] for row in exported["stages"]}
