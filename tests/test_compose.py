@@ -115,8 +115,52 @@ def check(config: dict) -> None:
     assert any(str(v).startswith("models:/models") for v in triton["volumes"])
 
 
+def bind_mounts(service: dict) -> dict[str, Path]:
+    """container path -> host path (resolved against the compose file's folder) of a service's bind mounts."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target = (volume["source"], volume["target"]) if isinstance(volume, dict) else volume.split(":")[:2]
+        if source.startswith((".", "/")):
+            mounts[target] = (COMPOSE.parent / source).resolve()
+    return mounts
+
+
+def check_monitoring(config: dict) -> None:
+    """The `monitoring` profile: Prometheus scraping the triton service, Grafana provisioned from
+    deploy/monitoring; `docker compose up` without the profile starts neither."""
+    services = config["services"]
+    assert not services["export"].get("profiles") and not services["triton"].get("profiles")
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    assert prometheus["profiles"] == ["monitoring"] and grafana["profiles"] == ["monitoring"]
+    for service in (prometheus, grafana):  # dashboards stay on the host unless an operator opens them
+        assert all(str(p["host_ip"] if isinstance(p, dict) else p).startswith("127.0.0.1") for p in service["ports"])
+    mounts = bind_mounts(prometheus)
+    scrape = yaml.safe_load(mounts["/etc/prometheus/prometheus.yml"].read_text())
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    (job,) = scrape["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["static_configs"][0]["targets"] == ["triton:8002"]  # the triton service's metrics port
+    assert "--metrics-port" in services["triton"]["command"] and "8002" in services["triton"]["command"]
+    mounts = bind_mounts(grafana)
+    provisioning, dashboards = mounts["/etc/grafana/provisioning"], mounts["/var/lib/grafana/dashboards"]
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "triffusion.yml").read_text())["providers"]
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    boards = sorted(dashboards.glob("*.json"))
+    assert [b.name for b in boards] == ["triffusion.json"]
+    assert str(grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]).endswith("/triffusion.json")
+    import json
+
+    board = json.loads(boards[0].read_text())  # every panel queries the provisioned datasource
+    uids = {t["datasource"]["uid"] for p in board["panels"] for t in p.get("targets", [])}
+    assert uids == {source["uid"]}
+
+
 def test_compose_file_structure():
-    check(yaml.safe_load(COMPOSE.read_text()))
+    config = yaml.safe_load(COMPOSE.read_text())
+    check(config)
+    check_monitoring(config)
 
 
 def test_real_compose_config_accepts_the_file(monkeypatch):
@@ -128,3 +172,4 @@ def test_real_compose_config_accepts_the_file(monkeypatch):
                           cwd=COMPOSE.parent)
     assert done.returncode == 0, done.stderr
     check(yaml.safe_load(done.stdout))
+    check_monitoring(yaml.safe_load(done.stdout))
