@@ -261,7 +261,11 @@ class StepScheduler:
 
     def observe_finish(self, state: RequestState, now: float, alpha: float = 0.2) -> None:
         """A request admitted with a forecast finished `now`: learn its level's forecast bias."""
-        if state.forecast_s is None or state.forecast_s <= 0 or state.forecast_at is None:
+        if state.forecast_s is None or state.forecast_at is None or state.params.slo_ms is None:
+            return
+        # Short forecasts are dominated by fixed costs the forecast leaves out (the iteration in progress, the
+        # answer's way out), which a scale would carry over to long ones: learn only where admission is tight.
+        if state.forecast_s < 0.25 * state.params.slo_ms / 1000.0:
             return
         ratio = min(max((now - state.forecast_at) / state.forecast_s, 0.5), 4.0)
         level = self._level(state)
