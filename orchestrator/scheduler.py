@@ -181,12 +181,10 @@ class StepScheduler:
         floor = params.min_steps or (1 if params.step_mode == "auto" else params.steps)
         floor = max(floor, min(state.quality_steps, params.steps))  # never below the quality floor
         before = self.finish_times(now)
-        late_before = {s for s, t in before.items() if s.deadline is not None and t > s.deadline}
 
         def verdict(steps: int):
             finish = self.finish_times(now, state, steps)
-            victims = [s for s, t in finish.items() if s is not state and s.deadline is not None
-                       and t > s.deadline and s not in late_before]
+            victims = [s for s, t in finish.items() if s is not state and self._harmed(s, t, before)]
             return finish[state], victims[0] if victims else None
 
         finish, victim = verdict(params.steps)
@@ -216,6 +214,19 @@ class StepScheduler:
         """Keep what admission forecast: the biased finish (reported) and the raw duration (to learn from)."""
         state.predicted_finish, state.forecast_at = finish, now
         state.forecast_s = self.forecast(now, state, steps)[state] - now
+
+    @staticmethod
+    def _harmed(state: RequestState, finish: float, before: dict) -> bool:
+        """Whether new work that moves `state`'s forecast finish from before[state] to `finish` harms it: it ends
+        past its deadline and later than it would have. One already forecast late is protected too, from more
+        than a sliver (2% of its SLO: a batch neighbour's slowdown): if work could overtake it once it looked
+        late, it would starve behind every later, tighter arrival."""
+        if state.deadline is None or finish <= state.deadline:
+            return False
+        previous = before.get(state)
+        if previous is None or previous <= state.deadline:
+            return True
+        return finish - previous > 0.02 * (state.params.slo_ms or 0) / 1000.0
 
     def cancel(self, request_id: str) -> bool:
         """The client went away: the request leaves at the next step boundary. False if unknown."""
@@ -311,7 +322,7 @@ class StepScheduler:
         before = self.forecast(now)
         finish = self.forecast(now, state, steps)
         for s, t in finish.items():
-            if s is not state and s.deadline is not None and t > s.deadline >= before[s]:
+            if s is not state and self._harmed(s, t, before):
                 return finish[state], s
         return finish[state], None
 
@@ -434,8 +445,7 @@ class StepScheduler:
             state.model, state.steps_done, state.steps_target = saved
         if state.deadline is not None and after[state] > state.deadline:
             return False
-        return not any(s is not state and s.deadline is not None and t > s.deadline >= before.get(s, 0.0)
-                       for s, t in after.items())
+        return not any(s is not state and self._harmed(s, t, before) for s, t in after.items())
 
     def _escalate(self, state: RequestState, now: float) -> None:
         """Redo the request on the heavy model: it keeps its slot, its deadline, its text embeddings (the
