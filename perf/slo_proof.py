@@ -223,6 +223,9 @@ def sweep(served: Served, classes: dict, args, predict=None) -> tuple[list[dict]
 class Predictor:
     """The simulator, fed profiles measured before the runs it predicts and the trace of each point."""
 
+    gpus = 1  # servers the trace is spread over, least loaded first (perf.scale_out: replicas behind a balancer)
+    heavy_gpus = 0  # of them, serving only the cascade's heavy model (DiffServe's split); 0: cascades in place
+
     def __init__(self, pipeline: dict, exported: dict, learned: dict, classes: dict):
         from perf.simulator import LatencyModel, scheduler_factory
         from triffusion.orchestrator.cascade import LoadController, options_from
@@ -265,8 +268,9 @@ class Predictor:
                                    slo_ms=r["slo_ms"], priority=level.get("priority", 0), step_mode="auto",
                                    model=light, min_quality=level.get("min_quality"), steps_run=steps_run))
         spec = CascadeSpec(light, self.cascade.get("heavy", contract.UNET),
-                           escalation_rate=self._escalation(), seed=seed) if self.cascade else None
-        result = simulate(sims, 1, self.make, self.latency, cascade=spec)
+                           escalation_rate=self._escalation(), seed=seed,
+                           heavy_gpus=self.heavy_gpus) if self.cascade else None
+        result = simulate(sims, self.gpus, self.make, self.latency, cascade=spec)
         s = result.summary
         met = s["met"]
         return {"attainment": round(met / len(sims), 4), "goodput_rps": round(met / window, 3)}
