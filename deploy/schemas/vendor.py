@@ -25,8 +25,6 @@ SOURCES = [
      "example/prometheus-operator-crd/monitoring.coreos.com_podmonitors.yaml", "v1"),
     ("serving.kserve.io_v1beta1_inferenceservice.json", 1,
      "config/crd/full/serving.kserve.io_inferenceservices.yaml", "v1beta1"),
-    ("serving.kserve.io_v1alpha1_servingruntime.json", 1,
-     "config/crd/full/serving.kserve.io_servingruntimes.yaml", "v1alpha1"),
 ]
 
 

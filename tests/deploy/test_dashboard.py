@@ -17,8 +17,6 @@ from triffusion.server import TritonServer, free_port
 
 from .k8s import DASHBOARD, declared_metrics, need, query_metrics, series_names
 
-pytestmark = pytest.mark.server
-
 # Panels the dashboard must have (the list); each is checked for a query and its metrics below.
 REQUIRED_PANELS = ("SLO attainment by SLO class", "Goodput", "Queue depth", "UNet batch rows",
                    "Steps used by SLO class", "Cascade escalations", "Adapter cache hits", "Reloads and restarts")
@@ -131,6 +129,7 @@ def scraped(tiny_repository):
         yield text
 
 
+@pytest.mark.server
 def test_every_panel_queries_metrics_a_running_server_exports(scraped):
     exported = sample_names(scraped)
     board = dashboard()
