@@ -27,7 +27,7 @@ class LatencyPredictor:
         self._fits.pop(model, None)
 
     def observe_stage(self, stage: str, size: int, seconds: float) -> None:
-        """stage 'encode' (size = rows) or 'decode' (size = latent pixels of the batch)."""
+        """stage 'encode' (size = rows), 'decode' (size = image pixels of the batch) or 'gate' (size = images)."""
         key = (stage, size)
         old = self.stages.get(key)
         self.stages[key] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
@@ -56,6 +56,10 @@ class LatencyPredictor:
 
     def encode(self, rows: int) -> float:
         return self._stage("encode", rows, self.prior_encode_s)
+
+    def gate(self, images: int) -> float:
+        """The quality gate scoring `images` light answers (nothing known yet: free)."""
+        return self._stage("gate", images, 0.0)
 
     def decode(self, pixels: int) -> float:
         return self._stage("decode", pixels, self.prior_decode_per_pixel_s * pixels)

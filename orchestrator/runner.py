@@ -316,8 +316,10 @@ class Runner:
     def _score(self, group: list, out: RunnerOutput) -> None:
         """Cascade: the gate scores the light answers in one call. If it fails, the light answers stand."""
         try:
+            start = self.clock()
             scores = np.asarray(self.executor.score(np.stack([out.images[s] for s in group]),
                                                     [s.params.prompt for s in group]), dtype=np.float64).reshape(-1)
+            out.stages.append(("gate", len(group), self.clock() - start))
             if len(scores) != len(group) or not np.isfinite(scores).all():
                 raise ComponentFailed("quality_gate", "returned malformed scores")
         except Exception as exc:  # noqa: BLE001

@@ -294,28 +294,49 @@ class StepScheduler:
         """Predicted finish time of every request (and of `extra`, with `extra_steps`, as if admitted now), by
         playing the step-level schedule forward: running requests hold their slots, waiting ones take free
         slots in policy order, every iteration advances all of them by one step at the predicted time of
-        that iteration's batches (measured/predicted scale included), a joining request spends one
-        iteration being encoded, and a finished one is decoded beside the others."""
+        that iteration's batches (measured/predicted scale included). The side stages hold the loop too: a
+        joining request spends one iteration being encoded, finished ones are decoded (and a cascade's light
+        answers scored) during the next one, and an iteration lasts as long as the longer of the two."""
         active = [[s, s.steps_left + (0 if s.encoded else 1)] for s in self.running]
         queue = self.waiting if extra is None else self.waiting + [extra]
         queue = self.policy.order(queue, now)
         remaining = lambda s: (extra_steps if s is extra else s.params.steps) + 1  # + the encode iteration
         finish, t = {}, now
+        side = self._encode_time([s for s, _ in active if not s.encoded])
         while active or queue:
+            joined = []
             while queue and len(active) < self.max_active:
                 s = queue.pop(0)
                 active.append([s, remaining(s)])
+                joined.append(s)
+            side += self._encode_time(joined)
             k = min(rem for _, rem in active)
-            t += k * self.iteration_time([s for s, _ in active]) * self.iteration_scale
-            still = []
+            iteration = self.iteration_time([s for s, _ in active]) * self.iteration_scale
+            t += k * iteration + max(0.0, side - iteration)
+            done = []
             for entry in active:
                 entry[1] -= k
                 if entry[1] <= 0:
-                    finish[entry[0]] = t + self._decode_time(entry[0])
-                else:
-                    still.append(entry)
-            active = still
+                    done.append(entry[0])
+            active = [entry for entry in active if entry[1] > 0]
+            side = self._answer_time(done)
+            for s in done:
+                finish[s] = t + side
         return finish
+
+    def _encode_time(self, states) -> float:
+        rows = sum(s.unet_rows for s in states)
+        return self.predictor.encode(rows) if rows else 0.0
+
+    def _answer_time(self, states) -> float:
+        """The side stages of requests that finished together: VAE batches per size, then the gate's."""
+        sizes: dict[int, int] = {}
+        for s in states:
+            pixels = s.params.height * s.params.width
+            sizes[pixels] = sizes.get(pixels, 0) + 1
+        total = sum(self.predictor.decode(n * pixels) for pixels, n in sizes.items())
+        light = sum(1 for s in states if s.cascade and self.cascade is not None and s.model == self.cascade.light)
+        return total + (self.predictor.gate(light) if light else 0.0)
 
     def predict_admission(self, state: RequestState, now: float, steps: int):
         """(predicted finish time of `state` with `steps`, an admitted request it would make late or None)."""
@@ -425,11 +446,11 @@ class StepScheduler:
             self.predictor.observe_unet(model, h, w, rows, seconds)
         for stage, size, seconds in output.stages:
             self.predictor.observe_stage(stage, size, seconds)
-        # The admission scale learns from whole iterations: on a shared CPU, text encoding and VAE decoding on
-        # the side thread slow the denoising down, and the engine waits for them before the next step.
+        # The admission scale learns from whole iterations without side stages (those the forecast times on
+        # their own): what the UNet-only prediction misses (sampler updates, Python, the answers' sending).
         stepped = [s for s in plan.stepped if s in output.stepped]
         seconds = max(output.iteration_s, output.denoise_s)
-        if stepped and seconds > 0:
+        if stepped and seconds > 0 and not (plan.encode or plan.decode or plan.gate):
             self.observe_iteration(stepped, seconds)
         return update
 

@@ -134,13 +134,14 @@ def test_admission_rejects_exactly_the_infeasible_requests():
     scheduler.add(make_slo_state(1, 1438), now=0.0)  # feasible (1437.5 ms)
     with pytest.raises(Rejected, match="slo_ms 1437 cannot be met"):
         StepScheduler(max_active=4, predictor=exact_predictor()).add(make_slo_state(2, 1437), now=0.0)
-    # With a loose request waiting ahead (FCFS), both advance together: 4 rows = 0.25 s an iteration.
-    # 11 x 0.25 + 0.0625 = 2.8125 s. (Beside the tight request 1, either would make it late.)
+    # With a loose request waiting ahead (FCFS), both advance together: 4 rows = 0.25 s an iteration, and
+    # finish together: one VAE batch of both. 11 x 0.25 + 2 x 0.0625 = 2.875 s. (Beside the tight request 1,
+    # either would make it late.)
     loose = StepScheduler(max_active=4, predictor=exact_predictor())
     loose.add(make_slo_state(1, 10_000), now=0.0)
-    with pytest.raises(Rejected, match="slo_ms 2812 cannot be met"):
-        loose.add(make_slo_state(3, 2812), now=0.0)
-    loose.add(make_slo_state(4, 2813), now=0.0)
+    with pytest.raises(Rejected, match="slo_ms 2874 cannot be met"):
+        loose.add(make_slo_state(3, 2874), now=0.0)
+    loose.add(make_slo_state(4, 2875), now=0.0)
     with pytest.raises(Rejected, match="would make request r1 miss its SLO"):
         scheduler.add(make_slo_state(5, 100_000), now=0.0)
 
