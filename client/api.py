@@ -20,8 +20,9 @@ DEFAULT_URLS = {protocol: f"localhost:{port}" for protocol, port in DEFAULT_PORT
 PROTOCOL_NAMES = {"grpc": "gRPC", "http": "HTTP"}
 # First contact (is_server_live) gets this long: a wrong port or protocol fails in seconds, not minutes.
 CONNECT_TIMEOUT_S = 3.0
-NUMPY_TYPES = {"INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "BOOL": np.bool_, "BYTES": np.object_}
-KNOWN_INPUTS = {spec.name: spec.dtype for spec in contract.REQUEST_INPUTS}
+NUMPY_TYPES = {"INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "BOOL": np.bool_, "BYTES": np.object_,
+               "UINT8": np.uint8}
+KNOWN_INPUTS = {spec.name: spec.dtype for spec in contract.REQUEST_INPUTS + contract.CONTROL_INPUTS}
 
 
 class GenerationError(RuntimeError):
@@ -60,10 +61,24 @@ def request_arrays(prompt: str, **fields: Any) -> dict[str, tuple[np.ndarray, st
     for name, value in {"prompt": prompt, **fields}.items():
         if value is None:
             continue
+        if name in contract.ARRAY_INPUTS:  # the control image: (H, W, 3) uint8 as it is
+            arrays[name] = (image_array(value), KNOWN_INPUTS[name])
+            continue
         dtype = _dtype_of(name, value)
         data = str(value).encode("utf-8") if dtype == "BYTES" else value
         arrays[name] = (np.array([data], dtype=NUMPY_TYPES[dtype]), dtype)
     return arrays
+
+
+def image_array(image) -> np.ndarray:
+    """A control image (a path, a PIL image or an (H, W, 3) array) as the (H, W, 3) uint8 array the server
+    takes. Nothing is resized or converted beyond RGB: the server checks its size against height and width."""
+    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+        with Image.open(image) as opened:
+            image = opened.convert("RGB")
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    return np.ascontiguousarray(image)
 
 
 def _inputs(module, arrays):
@@ -245,8 +260,9 @@ def generate(prompt: str, *, url: str | None = None, protocol: str = "grpc", str
              on_progress: Callable[[int, int], None] | None = None, timeout_s: float | None = None,
              connect_timeout_s: float | None = CONNECT_TIMEOUT_S, **fields: Any) -> GenerationResult:
     """Generate one image. Fields: any request input by name (negative_prompt, height, width, steps,
-    guidance_scale, seed, scheduler, slo_ms, priority, min_steps, step_mode, unet; preview_every needs a
-    stream). gRPC with `stream` or `on_progress` streams progress.
+    guidance_scale, seed, scheduler, slo_ms, priority, min_steps, step_mode, unet, controlnet with
+    control_image (a path, PIL image or (H, W, 3) uint8 array of the
+    request's size) and controlnet_scale; preview_every needs a stream). gRPC with `stream` or `on_progress` streams progress.
 
     timeout_s: the request's deadline; the server stops the work once it passed (gRPC: the call's deadline
     too). connect_timeout_s: how long the first contact (a liveness call) may take before GenerationError

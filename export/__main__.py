@@ -46,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--max-unet-rows", type=int, default=16, help="largest UNet batch an engine or graph covers")
     b.add_argument("--plan-only", action="store_true", help="ngc: write the profile plan and build no engine; the "
                    "components are served as python models (onnxruntime on --device) until the engines are built")
+    b.add_argument("--controlnet", action="append", default=[], metavar="NAME=PRESET",
+                   help="serve a ControlNet that requests name as NAME: a ControlNet preset (e.g. tiny-controlnet, "
+                   "sd15-controlnet) or a local ControlNetModel folder (repeatable; a registry family's controlnets)")
     b.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the served components run (cuda: onnxruntime-gpu's CUDA provider)")
     return p
@@ -79,7 +82,18 @@ def from_registry(path: Path, family: str | None):
     section = {"family": family, "default": fam.default, "variants": {n: v.preset or v.model for n, v in fam.variants.items()},
                "cascade": fam.cascade, "styles": list(fam.styles), "entropy": fam.entropy,
                "slo_classes": registry.slo_classes}
+    if fam.controlnets:
+        section["controlnets"] = dict(fam.controlnets)
     return base.preset, base.model, tuple(v.preset for v in others), section, cascade
+
+
+def _name_value(item: str, flag: str) -> tuple[str, str]:
+    from triffusion.orchestrator.registry import CONTROLNET_NAME
+
+    name, _, value = item.partition("=")
+    if not CONTROLNET_NAME.match(name) or not value:
+        raise ValueError(f"{flag} {item}: expected NAME=PRESET with NAME 1..32 of a-z, 0-9 and _")
+    return name, value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,13 +109,16 @@ def main(argv: list[str] | None = None) -> int:
         cascade = {"light": args.cascade, "threshold": args.cascade_threshold} if args.cascade else None
         if not 0.0 <= args.cascade_threshold <= 1.0:
             raise ValueError(f"--cascade-threshold {args.cascade_threshold} is out of range; allowed 0..1")
+        controlnets = dict(_name_value(item, "--controlnet") for item in args.controlnet)
         if args.registry:
             preset, model, variants, registry, cascade = from_registry(args.registry, args.family)
+            controlnets = {**(registry.get("controlnets") or {}), **controlnets}
         build(preset, model, args.out, registry=registry, seed=args.seed, force=args.force, save_pipeline_to=args.save_pipeline,
               vocab=args.vocab, fp16=args.fp16, profile=not args.no_profile, random_weights=args.random_weights, runtime=args.runtime,
               cascade=cascade, gate=args.gate or (cascade or {}).get("gate"), baselines=args.baselines,
               device=args.device, target=args.target, max_unet_rows=args.max_unet_rows, plan_only=args.plan_only,
-              sizes=[int(x) for x in args.sizes.split(",") if x] or None, unet_variants=variants)
+              sizes=[int(x) for x in args.sizes.split(",") if x] or None, unet_variants=variants,
+              controlnets=controlnets or None)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:  # RegistryError is a ValueError
         raise SystemExit(f"error: {exc}") from None
     return 0

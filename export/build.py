@@ -15,7 +15,7 @@ from triffusion.components import ServingConfig, format_graph_shapes
 from triffusion.runtime import save_torch_artifact
 
 from .onnx_export import Component, check_parity, export_component, file_sha256
-from .presets import Pipeline, build_unet_variant, resolve_pipeline, save_pipeline, variant_model_name
+from .presets import Pipeline, build_controlnet, build_unet_variant, resolve_pipeline, save_pipeline, variant_model_name
 from .repository import write_pipeline, write_repository
 from .tokenizer import write_tokenizer
 
@@ -126,13 +126,14 @@ def _tensorrt_target(out: Path, info: dict, sizes: list[int], max_unet_rows: int
 
     serving = ServingConfig(sizes=tuple((s, s) for s in sizes), max_unet_rows=max_unet_rows,
                             opt_unet_rows=min(8, max_unet_rows), vae_scale=info["vae_scale_factor"],
-                            text_hidden=info["text_hidden_size"], latent_channels=info["latent_channels"])
+                            text_hidden=info["text_hidden_size"], latent_channels=info["latent_channels"],
+                            control_layout=tuple(tuple(x) for x in info.get("control", {}).get("layout", ())))
     info["limits"] = {**info["limits"], "sizes": [[s, s] for s in sizes], "min_size": min(sizes),
                       "max_size": max(sizes), "default_height": sizes[0], "default_width": sizes[0]}
     text_rows = components.TextEncoder.from_serving(serving).profile_rows(serving)[2]
     info["engine_limits"] = {"max_batch": max_unet_rows, "max_encode_rows": text_rows,
                              "max_decode_batch": serving.max_images}
-    served = components.served(info.get("unets", {}).values())
+    served = components.served(info.get("unets", {}).values(), info.get("control", {}).get("controlnets", {}).values())
     plan = {component: plan_profiles(served[component].name, serving) for component in info["artifacts"]}
     (out / "tensorrt_plan.json").write_text(json.dumps({c: [p.shapes for p in profiles] for c, profiles in plan.items()},
                                                        indent=1) + "\n")
@@ -206,6 +207,10 @@ def _export_torch(kind: str, module, out: Path, name: str, pipeline: Pipeline, f
     return rel
 
 
+def controlnet_model_name(name: str) -> str:
+    return f"{contract.CONTROLNET}_{name}"
+
+
 def _write_gate(out: Path, gate: str | None, seed: int, log) -> dict:
     """The cascade's quality gate: trained discriminator weights (orchestrator/gate.py train), CLIP
     weights (`clip:FOLDER`, `clip:HUB_ID`, or `clip:random` for tests), or a seeded random discriminator."""
@@ -239,7 +244,8 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
           profile: bool = True, device: str = "cpu", target: str = "embedded", sizes: list[int] | None = None,
           max_unet_rows: int = 16, plan_only: bool = False, unet_variants: tuple[str, ...] = (),
           registry: dict | None = None, random_weights: bool = False, runtime: str = "onnxruntime",
-          cascade: dict | None = None, gate: str | None = None, baselines: bool = False, log=print) -> dict:
+          cascade: dict | None = None, gate: str | None = None, baselines: bool = False,
+          controlnets: dict[str, str] | None = None, log=print) -> dict:
     """Export a preset or a checkpoint (real or seeded random weights, see presets.resolve_pipeline)
     into a Triton model repository at `out`."""
     if not preset and not model:
@@ -256,6 +262,8 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
                                random_weights, runtime, plan_only)
     fingerprint["registry"] = registry
     fingerprint["cascade"], fingerprint["gate"], fingerprint["baselines"] = cascade, gate, baselines
+    if controlnets:  # only then: a pipeline without ControlNets keeps its fingerprint (and its up-to-date build)
+        fingerprint["controlnets"] = dict(controlnets)
     if cascade and cascade["light"] not in unet_variants:
         raise SystemExit(f"--cascade {cascade['light']}: the light model must be served too; add "
                          f"--unet-variant {cascade['light']}")
@@ -284,7 +292,13 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
     # Further UNets (e.g. a light cascade partner) are Triton models of their own: unet_<preset>.
     modules.update({name: build_unet_variant(variant, pipeline, seed, random_weights)
                     for variant, name in variants.items()})
-    served = components.served(variants.values())  # model name -> component (variants are UNets)
+    # ControlNets: each one a model of its own, and the UNet once more, taking their residuals (unet_control).
+    control_models = {name: controlnet_model_name(name) for name in controlnets or {}}
+    for name, model_name in control_models.items():
+        modules[model_name] = build_controlnet(controlnets[name], pipeline.unet, seed, random_weights)
+    if control_models:
+        modules[contract.UNET_CONTROL] = pipeline.unet
+    served = components.served(variants.values(), control_models.values())  # model name -> component
     export = _export_torch if runtime == "torch" else _export_onnx
     # ngc: FP32 ONNX, as its configs declare; TensorRT runs the engines fp16 inside (--fp16 or not)
     artifact_fp16 = fp16 and target == "embedded"
@@ -295,6 +309,10 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
     info["random_weights"] = random_weights
     info["unets"] = {"default": contract.UNET, **variants}
     info["parameters"] = {name: sum(p.numel() for p in module.parameters()) for name, module in modules.items()}
+    if control_models:
+        info["control"] = {"unet": contract.UNET_CONTROL, "controlnets": control_models,
+                           "sources": dict(controlnets),
+                           "layout": [list(x) for x in components.residual_layout(pipeline.unet.config)]}
     if runtime == "torch":  # CUDA graphs per served bucket, captured at load
         info["served_sizes"] = sizes or [info["limits"]["default_height"]]
         serving = ServingConfig(sizes=tuple((s, s) for s in info["served_sizes"]), max_unet_rows=max_unet_rows,
@@ -324,6 +342,8 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
     if random_weights and preset:
         folder = save_pipeline_to or out.parent / "models" / f"{preset}-seed{seed}"
         save_pipeline(pipeline, tokenizer_dir, Path(folder))
+        for model_name in control_models.values():  # ControlNetModel folders beside it (diffusers loads them)
+            modules[model_name].save_pretrained(str(Path(folder) / model_name))
         log(f"diffusers folder: {folder}")
     log(f"{out}: built in {time.perf_counter() - started:.1f} s")
     return info

@@ -158,6 +158,58 @@ def build_from_configs(model: str, seed: int = 0) -> Pipeline:
     return Pipeline(path.name, text_encoder.eval(), unet.eval(), vae.eval(), scheduler, tokenizer_dir)
 
 
+def controlnet_presets() -> list[str]:
+    """ControlNet architectures (configs/<preset>/controlnet.json), each matching one UNet preset (`_base`)."""
+    return sorted(p.name for p in CONFIGS.iterdir() if (p / "controlnet.json").exists())
+
+
+# The modules diffusers zero-initializes so that an untrained ControlNet adds nothing (its "zero convs").
+_ZERO_CONVS = ("controlnet_cond_embedding.conv_out", "controlnet_down_blocks", "controlnet_mid_block")
+
+
+def build_controlnet(preset: str, base_unet: torch.nn.Module, seed: int = 0,
+                     random_weights: bool = True) -> torch.nn.Module:
+    """A ControlNet for `base_unet` from `preset`: a ControlNet preset (configs/<preset>/controlnet.json) with
+    seeded random weights, or with its checkpoint's real weights (configs/checkpoints.json) when the
+    pipeline has real weights; or a local ControlNetModel folder / hub id (real weights).
+    Random weights re-draw the zero convs with PyTorch's default conv init: a trained ControlNet has moved
+    away from zero, and zeros would make control a no-op that no test could tell from a bug."""
+    from diffusers import ControlNetModel
+
+    known = preset in controlnet_presets()
+    if not known and not (Path(preset).is_dir() or preset.count("/") == 1):
+        raise ExportError(f"unknown ControlNet preset '{preset}'; choose one of: {', '.join(controlnet_presets())}, "
+                          "or a local ControlNetModel folder")
+    checkpoint = preset if not known else (None if random_weights else checkpoint_of(preset))
+    if checkpoint:
+        try:
+            controlnet = ControlNetModel.from_pretrained(checkpoint).eval()
+        except OSError as exc:
+            raise ExportError(f"ControlNet {preset}: its weights ({checkpoint}) could not be loaded "
+                              f"({str(exc).splitlines()[0]}); pass --random-weights for the architecture") from None
+    else:
+        torch.manual_seed(seed + 3)
+        controlnet = ControlNetModel(**_config(preset, "controlnet")).eval()
+        for name, module in controlnet.named_modules():
+            if name.startswith(_ZERO_CONVS) and isinstance(module, torch.nn.Conv2d):
+                module.reset_parameters()
+    check_controlnet(controlnet, base_unet, preset)
+    return controlnet
+
+
+def check_controlnet(controlnet: torch.nn.Module, unet: torch.nn.Module, preset: str) -> None:
+    """A ControlNet's residuals must fit the UNet's blocks: same encoder layout and latent channels."""
+    from triffusion.components import residual_layout
+
+    for key in ("in_channels", "cross_attention_dim"):
+        if controlnet.config[key] != unet.config[key]:
+            raise ExportError(f"ControlNet {preset}: {key} {controlnet.config[key]} does not match the UNet's "
+                              f"{unet.config[key]}")
+    if residual_layout(controlnet.config) != residual_layout(unet.config):
+        raise ExportError(f"ControlNet {preset}: its residuals {residual_layout(controlnet.config)} (channels, "
+                          f"stride) do not match the UNet's down blocks {residual_layout(unet.config)}")
+
+
 def variant_model_name(preset: str) -> str:
     return "unet_" + preset.replace("-", "_")
 

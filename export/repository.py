@@ -53,15 +53,17 @@ def orchestrator_config(params: dict) -> str:
             + _tensors("output", contract.ORCHESTRATOR_OUTPUTS) + _instances(1) + _parameters(params))
 
 
-def front_config(name: str, max_inflight: int = 256) -> str:
+def front_config(name: str, max_inflight: int = 256, control: bool = False) -> str:
     """A front: the request inputs (each of shape [1]) and the responses clients read. The unary front runs
-    in default mode but answers through a response sender: no request ever holds its instance."""
-    optional = {s.name for s in contract.REQUEST_INPUTS if s.name != "prompt"}
+    in default mode but answers through a response sender: no request ever holds its instance. `control`:
+    the pipeline serves ControlNets, so the fronts also take a control image, a ControlNet name and scale."""
+    inputs = contract.REQUEST_INPUTS + (contract.CONTROL_INPUTS if control else ())
+    optional = {s.name for s in inputs if s.name != "prompt"}
     stream = name == contract.TEXT_TO_IMAGE_STREAM
     outputs = [s for s in contract.RESPONSE_OUTPUTS if stream or s.name not in ("progress", "preview")]
     return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
             + ("model_transaction_policy { decoupled: true }\n" if stream else "")
-            + _tensors("input", contract.REQUEST_INPUTS, optional) + _tensors("output", outputs)
+            + _tensors("input", inputs, optional) + _tensors("output", outputs)
             + _instances(1) + _parameters({"max_inflight": max_inflight}))
 
 
@@ -85,6 +87,8 @@ def default_limits(pipeline: dict) -> dict:
     classes = (pipeline.get("registry") or {}).get("slo_classes")
     if classes:
         limits["slo_classes"] = classes
+    if pipeline.get("control"):  # the ControlNets a request may name
+        limits["controlnets"] = sorted(pipeline["control"]["controlnets"])
     limits.update(pipeline.get("limits", {}))
     return limits
 
@@ -122,11 +126,14 @@ def write_repository(out_dir: Path, pipeline: dict, *, runtime: str = "onnxrunti
     callable models (tests compare them with the ONNX ones)."""
     out_dir = Path(out_dir)
     config = orchestrator_settings(pipeline, runtime, device, orchestrator)
-    unets = set(pipeline.get("unets", {}).values()) | {contract.UNET}
+    control = pipeline.get("control") or {}
+    controlnets = control.get("controlnets", {}).values()
+    # Where the UNet runs in the orchestrator, the controlled UNet and the ControlNets run there too.
+    unets = set(pipeline.get("unets", {}).values()) | {contract.UNET} | ({contract.UNET_CONTROL, *controlnets} if control else set())
     unets_elsewhere = config.unet_executor == "inprocess" and config.device.startswith("cuda")
     graphs = pipeline.get("graphs", {})
     gpu = device == "cuda"
-    for name, component in components.served(pipeline.get("unets", {}).values()).items():
+    for name, component in components.served(pipeline.get("unets", {}).values(), controlnets).items():
         artifact = Path(pipeline["artifacts"][name]).name
         if unets_elsewhere and name in unets:
             config_text = component_config(name, component, {"runtime": InOrchestrator.KIND, "artifact": artifact})
@@ -158,5 +165,5 @@ def write_repository(out_dir: Path, pipeline: dict, *, runtime: str = "onnxrunti
                 name, baselines["pipeline"], device, max_batch, baselines.get("delay_us", 50_000)))
     for front in contract.FRONTS:  # one adapter serves both fronts
         _copy_adapter(contract.TEXT_TO_IMAGE, out_dir / front)
-        (out_dir / front / "config.pbtxt").write_text(front_config(front, max_inflight))
+        (out_dir / front / "config.pbtxt").write_text(front_config(front, max_inflight, control=bool(control)))
     return out_dir

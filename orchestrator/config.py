@@ -133,9 +133,11 @@ def cascade_of(config: OrchestratorConfig, pipeline: dict) -> tuple[Cascade | No
 
 
 def spec_of(pipeline: dict) -> PipelineSpec:
+    control = pipeline.get("control") or {}
     return PipelineSpec(model=pipeline["model"], scheduler_config=pipeline["scheduler_config"],
                         latent_channels=pipeline["latent_channels"], vae_scale_factor=pipeline["vae_scale_factor"],
-                        vae_scaling_factor=pipeline["vae_scaling_factor"])
+                        vae_scaling_factor=pipeline["vae_scaling_factor"],
+                        controlnets=dict(control.get("controlnets", {})), control_unet=control.get("unet"))
 
 
 def unets_of(pipeline: dict) -> dict[str, str]:

@@ -252,6 +252,9 @@ class Engine:
             "slo_met": state.slo_met,
             "priority": p.priority,
             "degraded_from_steps": state.requested_steps,
+            # which ControlNet served it (request name and model), at which scale; None without control
+            "controlnet": ({"name": p.controlnet, "model": self.runner.spec.controlnets.get(p.controlnet),
+                            "scale": round(p.controlnet_scale, 6)} if p.controlnet else None),  # FP32 on the wire
             "cascade": ({"light": cascade.light, "score": state.gate_score, "threshold": router.threshold,
                          "escalated": state.escalated, "escalation_skipped": state.escalation_skipped,
                          "gate_error": state.gate_error} if state.cascade else None),

@@ -6,6 +6,7 @@ import secrets
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
+import numpy as np
 
 from .errors import InvalidRequest
 
@@ -41,6 +42,10 @@ class Limits:
     unets: tuple = ("default",)  # UNet variants served: "default" and the presets exported beside it
     # Named service levels (registry slo_classes): {name: {"slo_ms", "priority"?, "min_quality"?}}
     slo_classes: dict | None = None
+    controlnets: tuple = ()  # ControlNets served (registry controlnets): the names a request may give
+    min_controlnet_scale: float = 0.0
+    max_controlnet_scale: float = 2.0
+    default_controlnet_scale: float = 1.0
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Limits":
@@ -50,8 +55,9 @@ class Limits:
             raise ValueError(f"unknown limits keys: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
         if data.get("sizes") is not None:
             data = {**data, "sizes": tuple(tuple(s) for s in data["sizes"])}
-        if "unets" in data:
-            data = {**data, "unets": tuple(data["unets"])}
+        for key in ("unets", "controlnets"):
+            if key in data:
+                data = {**data, key: tuple(data[key])}
         return cls(**data)
 
     def to_dict(self) -> dict:
@@ -77,6 +83,9 @@ class GenerationParams:
     unet: str = "default"  # UNet variant
     slo_class: str | None = None  # a served SLO class; it set slo_ms, priority and min_quality
     min_quality: float | None = None  # quality floor (0..1 on the served step-quality profile) from the class
+    controlnet: str | None = None  # a served ControlNet's name; None: no control
+    controlnet_scale: float | None = None  # its conditioning scale (multiplies its residuals); None without
+    control_image: Any = None  # with controlnet: the processed control image, (height, width, 3) uint8
 
     @property
     def uses_cfg(self) -> bool:
@@ -212,8 +221,50 @@ def parse_params(raw: Mapping[str, Any], limits: Limits, count_tokens=None) -> G
             raise InvalidRequest("min_quality", "is NaN; allowed 0..1")
         _in_range("min_quality", min_quality, 0.0, 1.0)
 
+    # 5. Control: a served ControlNet, its scale, and an already processed control image of the request's size.
+    controlnet, controlnet_scale, control_image = _control(raw, limits, unet, size["height"], size["width"])
+
     return GenerationParams(prompt=prompt, negative_prompt=negative, steps=steps,
                             guidance_scale=guidance, seed=seed, scheduler=scheduler,
                             stream=bool(raw.get("stream", False)), slo_ms=slo_ms, priority=priority,
                             min_steps=min_steps, step_mode=step_mode, preview_every=preview_every, unet=unet,
-                            slo_class=slo_class, min_quality=min_quality, **size)
+                            slo_class=slo_class, min_quality=min_quality, controlnet=controlnet,
+                            controlnet_scale=controlnet_scale, control_image=control_image, **size)
+
+
+def _control(raw: Mapping[str, Any], limits: Limits, unet: str, height: int, width: int):
+    """(controlnet, controlnet_scale, control_image) of a request; control fields without a ControlNet are refused."""
+    served = ", ".join(limits.controlnets) or "none (the server has no ControlNets)"
+    controlnet = raw.get("controlnet") or None
+    scale, image = raw.get("controlnet_scale"), raw.get("control_image")
+    if controlnet is None:
+        for name, value in (("control_image", image), ("controlnet_scale", scale)):
+            if value is not None:
+                raise InvalidRequest(name, f"needs controlnet (a served ControlNet: {served})")
+        return None, None, None
+    controlnet = _text("controlnet", controlnet, limits)
+    if controlnet not in limits.controlnets:
+        raise InvalidRequest("controlnet", f"'{controlnet}' is not served; allowed: {served}")
+    if unet != "default":
+        raise InvalidRequest("controlnet", f"runs with unet 'default' only; the request asks for unet '{unet}'")
+    low, high = limits.min_controlnet_scale, limits.max_controlnet_scale
+    if scale is None:
+        scale = limits.default_controlnet_scale
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise InvalidRequest("controlnet_scale", f"{scale!r} is not a number; allowed {low}..{high}") from None
+    if scale != scale:
+        raise InvalidRequest("controlnet_scale", f"is NaN; allowed {low}..{high}")
+    if not low <= scale <= high:  # FP32 on the wire: 0.1 arrives as 0.10000000149..., shown as sent
+        raise InvalidRequest("controlnet_scale", f"{scale:.6g} is out of range; allowed {low}..{high}")
+    want = f"allowed ({height}, {width}, 3) UINT8: height x width x RGB, the request's size"
+    if image is None:
+        raise InvalidRequest("control_image", f"is required with controlnet; {want}")
+    if not isinstance(image, np.ndarray):
+        raise InvalidRequest("control_image", f"is not an image array; {want}")
+    if image.dtype != np.uint8:
+        raise InvalidRequest("control_image", f"has type {image.dtype}; {want}")
+    if image.shape != (height, width, 3):
+        raise InvalidRequest("control_image", f"has shape {tuple(image.shape)}; {want}")
+    return controlnet, scale, np.ascontiguousarray(image)

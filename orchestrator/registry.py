@@ -4,6 +4,7 @@ orchestrator read the same file; a bad registry fails at load naming the offendi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ class Family:
     cascade: dict | None = None  # {"light": variant, "heavy": variant, "threshold": float, "gate"?: str}
     styles: tuple[str, ...] = ()
     entropy: dict = field(default_factory=dict)  # EntropyStop thresholds
+    controlnets: dict = field(default_factory=dict)  # request name -> ControlNet preset or local folder
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,28 @@ def _check_options(options, path: str) -> None:
                 raise RegistryError(f"{where}.{key}: {value} is out of range; allowed {allowed}")
 
 
+CONTROLNET_NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,31}$")
+
+
+def _controlnets(section, path: str) -> dict[str, str]:
+    """`controlnets: {canny: {preset: tiny-controlnet}}` (or `{model: FOLDER}`): the names requests may give.
+    A name becomes part of a Triton model name (controlnet_<name>), hence the narrow alphabet."""
+    if not isinstance(section, dict):
+        raise RegistryError(f"{path}: expected a mapping of name -> {{preset | model}}")
+    out = {}
+    for name, body in section.items():
+        where = f"{path}.{name}"
+        if not isinstance(name, str) or not CONTROLNET_NAME.match(name):
+            raise RegistryError(f"{where}: a ControlNet name is 1..32 of a-z, 0-9 and _, starting with a letter or digit")
+        if not isinstance(body, dict):
+            raise RegistryError(f"{where}: expected a mapping with preset or model")
+        _only(body, {"preset", "model"}, where)
+        if ("preset" in body) == ("model" in body):
+            raise RegistryError(f"{where}: give exactly one of preset or model")
+        out[name] = body.get("preset") or body["model"]
+    return out
+
+
 def parse_registry(data: dict, presets: set[str] | None = None) -> Registry:
     """Validate and build; `presets` (the export's preset names) checks variant presets when given."""
     if not isinstance(data, dict):
@@ -81,7 +105,7 @@ def parse_registry(data: dict, presets: set[str] | None = None) -> Registry:
     families = {}
     for name, body in _require(data, "families", dict, "").items():
         path = f"families.{name}"
-        _only(body, {"variants", "default", "cascade", "styles", "entropy"}, path)
+        _only(body, {"variants", "default", "cascade", "styles", "entropy", "controlnets"}, path)
         variants = {}
         for vname, vbody in _require(body, "variants", dict, path).items():
             vpath = f"{path}.variants.{vname}"
@@ -112,7 +136,10 @@ def parse_registry(data: dict, presets: set[str] | None = None) -> Registry:
                 raise RegistryError(f"{path}.cascade.threshold: {threshold} is out of range; allowed 0..1")
         entropy = body.get("entropy", {})
         _only(entropy, {"threshold", "patience", "min_fraction"}, f"{path}.entropy")
-        families[name] = Family(name, variants, default, cascade, tuple(body.get("styles", ())), dict(entropy))
+        # ControlNet presets are checked by the export (export/configs/*/controlnet.json), which builds them
+        controlnets = _controlnets(body.get("controlnets", {}), f"{path}.controlnets")
+        families[name] = Family(name, variants, default, cascade, tuple(body.get("styles", ())), dict(entropy),
+                                controlnets)
     slo_classes = data.get("slo_classes", {})
     for cname, cbody in slo_classes.items():
         cpath = f"slo_classes.{cname}"

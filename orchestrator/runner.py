@@ -17,15 +17,15 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
 from triffusion.contract import TEXT_ENCODER_MAX_BATCH
 
-from .errors import Code, ComponentFailed, ServingError
+from .errors import Code, ComponentFailed, InvalidRequest, ServingError
 from .sampling import BatchedStep, Sampler, latent_preview, to_uint8_image
 from .scheduler import Plan, RunnerOutput
 from .stepping import latent_entropy
@@ -42,6 +42,9 @@ class PipelineSpec:
     latent_channels: int = 4
     vae_scale_factor: int = 8
     vae_scaling_factor: float = 0.18215
+    # ControlNets (pipeline.json `control`): request name -> Triton model, and the UNet taking their residuals
+    controlnets: Mapping[str, str] = field(default_factory=dict)
+    control_unet: str | None = None
 
 
 @dataclass
@@ -50,6 +53,18 @@ class Slot:
 
     embeddings: Any
     sampler: Sampler | None = None
+    control: Any = None  # with a ControlNet: its control image, (1, 3, H, W) in [0, 1] on the device
+
+
+@dataclass
+class Prepared:
+    """One UNet batch's rows, built before any UNet call of the iteration: the step groups (with their
+    batched steppers), each request's (sample, timestep) rows, and the requests whose rows were built."""
+
+    patched: bool
+    inputs: dict = field(default_factory=dict)
+    groups: list = field(default_factory=list)
+    ready: list = field(default_factory=list)
 
 
 def as_serving_error(component: str, exc: BaseException) -> ServingError:
@@ -86,9 +101,14 @@ class Runner:
         self.patch_grid = patch_grid
         self._slots: dict[Any, Slot] = {}
         self._side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triffusion-side")
+        # ControlNets run here, ahead of the UNet calls that take their residuals (see _control_ahead); on a GPU
+        # on a stream of their own, so that they overlap the UNet call of the batch before.
+        self._control = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triffusion-controlnet")
+        self._control_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def close(self) -> None:
         self._side.shutdown(wait=False)
+        self._control.shutdown(wait=False)
 
     def release(self, states) -> None:
         for state in states:
@@ -108,10 +128,13 @@ class Runner:
         start = self.clock()
         for state in plan.restart:
             self._guard(out, [state], "sampler", lambda s: self._new_sampler(s[0]))
-        for batch in plan.denoise:
-            self._denoise(batch, out, patched=False)
-        for batch in plan.patched:
-            self._denoise(batch, out, patched=True)
+        # Every batch's rows first, so that the ControlNet of a batch runs (on its own thread) while the UNet
+        # of the batch before it does: a UNet call needs its own batch's residuals, no one else's.
+        prepared = [self._prepare(batch, out, patched=False) for batch in plan.denoise]
+        prepared += [self._prepare(batch, out, patched=True) for batch in plan.patched]
+        ahead = [self._control_ahead(p, out) for p in prepared]
+        for batch, residuals in zip(prepared, ahead):
+            self._step_batch(batch, out, residuals)
         out.denoise_s = self.clock() - start
         for state in plan.entropy:
             if state in out.stepped:
@@ -199,21 +222,30 @@ class Runner:
                   state.params.width // self.spec.vae_scale_factor)
         self._slots[state].sampler = Sampler(state.params, self.spec.scheduler_config, latent, device=self.device)
 
-    def _denoise(self, batch: list, out: RunnerOutput, patched: bool) -> None:
-        # 1. Rows: requests whose samplers share a step rule (and guidance mode, latent shape and step kind)
-        #    are gathered and scaled together; the others build theirs alone. A group that fails is retried
-        #    one request at a time, so a request whose inputs cannot be built fails alone.
-        inputs: dict = {}
-        groups: list[tuple[list, BatchedStep | None]] = []
+    def _prepare(self, batch: list, out: RunnerOutput, patched: bool) -> "Prepared":
+        """1. Rows: requests whose samplers share a step rule (and guidance mode, latent shape and step kind)
+        are gathered and scaled together; the others build theirs alone. A group that fails is retried one
+        request at a time, so a request whose inputs cannot be built fails alone."""
+        prepared = Prepared(patched)
         for group in self._step_groups(batch):
-            self._isolated(group, out, "sampler", lambda states, _: self._rows(states, inputs, groups))
-        ready = [state for states, _ in groups for state in states]
+            self._isolated(group, out, "sampler",
+                           lambda states, _: self._rows(states, prepared.inputs, prepared.groups))
+        prepared.ready = [state for states, _ in prepared.groups for state in states]
+        return prepared
+
+    def _denoise(self, batch: list, out: RunnerOutput, patched: bool) -> None:
+        """One UNet batch's step, start to end (its ControlNet residuals, if any, computed inline)."""
+        self._step_batch(self._prepare(batch, out, patched), out)
+
+    def _step_batch(self, prepared: "Prepared", out: RunnerOutput, residuals=None) -> None:
+        groups, ready, patched = prepared.groups, prepared.ready, prepared.patched
         if not ready:
             return
-        # 2. One UNet call for all of them (retried alone on a failure that is not an outage).
+        # 2. One UNet call for all of them (retried alone on a failure that is not an outage), with the
+        #    ControlNet residuals computed ahead for the whole batch; a retry computes its own.
         noise: dict = {}
-        self._isolated(ready, out, ready[0].model,
-                       lambda states, _: noise.update(self._unet_call(states, inputs, out, patched)))
+        self._isolated(ready, out, ready[0].model, lambda states, _: noise.update(self._unet_call(
+            states, prepared.inputs, out, patched, residuals if states is ready else None)))
         # 3. The steps: one per group (retried one request at a time), or per request for a sampler that
         #    steps alone. A group's stepper holds the rows it gathered; a part of a group gathers anew.
         for states, stepper in groups:
@@ -265,12 +297,18 @@ class Runner:
         for state in states:
             out.stepped[state] = None
 
-    def _unet_call(self, states, inputs: dict, out: RunnerOutput, patched: bool) -> dict:
+    def _unet_call(self, states, inputs: dict, out: RunnerOutput, patched: bool, residuals=None) -> dict:
         rows = [inputs[s] for s in states]
         embeddings = [self._slots[s].embeddings for s in states]
+        controlled = any(s.params.controlnet for s in states)
+        if controlled and patched:
+            raise InvalidRequest("controlnet", "is not served in patch mode (hybrid=patch); serve with hybrid=bucket")
         if not patched:
             sample = torch.cat([x for x, _ in rows])
-            noise = self._unet(states[0].bucket, sample, torch.cat([t for _, t in rows]), torch.cat(embeddings), out)
+            if controlled:  # computed ahead for the whole batch, or here for a part of it (a retry)
+                residuals = residuals.result() if residuals is not None else self._residuals(states, inputs, out)
+            noise = self._unet(states[0].bucket, sample, torch.cat([t for _, t in rows]), torch.cat(embeddings), out,
+                               residuals if controlled else None)
             return dict(zip(states, noise.split([s.unet_rows for s in states])))
         # Patch-level batching: one call over the patches of requests of several resolutions.
         grid = self.patch_grid
@@ -289,16 +327,92 @@ class Runner:
         return {s: grid.stitch(part, s.params.height // scale, s.params.width // scale)
                 for s, part in zip(states, noise.split(counts))}
 
-    def _unet(self, bucket: tuple, sample, timestep, embeddings, out: RunnerOutput) -> torch.Tensor:
+    def _unet(self, bucket: tuple, sample, timestep, embeddings, out: RunnerOutput, residuals=None) -> torch.Tensor:
         start = self.clock()
+        # With ControlNet residuals the batch runs on the controlled UNet (same weights, one more input).
+        model, extra = (bucket[0], {}) if residuals is None else (self.spec.control_unet, {"residuals": residuals})
         if self.torch_executor:  # tensors stay on the device; the runtime returns when the GPU is done
-            noise = self.executor.denoise(bucket[0], sample, timestep, embeddings)
+            noise = self.executor.denoise(model, sample, timestep, embeddings, **extra)
         else:  # the numpy boundary, on the CPU
-            noise = to_torch(self.executor.denoise(bucket[0], sample.numpy(), timestep.numpy(), embeddings.numpy()))
+            extra = {k: v.numpy() for k, v in extra.items()}
+            noise = to_torch(self.executor.denoise(model, sample.numpy(), timestep.numpy(), embeddings.numpy(), **extra))
         if tuple(noise.shape) != tuple(sample.shape):
             raise ComponentFailed(bucket[0], f"returned shape {tuple(noise.shape)} for input {tuple(sample.shape)}")
         out.unet_calls.append((bucket, len(sample), self.clock() - start))
         return noise
+
+    # ---- ControlNet --------------------------------------------------------------------------------
+    def _control_ahead(self, prepared: "Prepared", out: RunnerOutput):
+        """The ControlNet residuals of a whole UNet batch, started now on the ControlNet thread (a future), or
+        None for a batch without control. They queue there in batch order: while the UNet of batch k runs on
+        this thread, the ControlNets of batch k + 1 run on that one (on a GPU, on their own stream). Batch 0's
+        cannot overlap its own UNet call, which consumes them; it overlaps the side stages (encode, decode)."""
+        ready = prepared.ready
+        if prepared.patched or not any(s.params.controlnet for s in ready):
+            return None
+        if self._control_stream is None:
+            return self._control.submit(self._residuals, ready, prepared.inputs, out)
+        produced = torch.cuda.Event()
+        produced.record()  # the rows were made on this thread's stream; the ControlNet stream waits for them
+
+        def on_stream():
+            with torch.cuda.stream(self._control_stream):
+                self._control_stream.wait_event(produced)
+                residuals = self._residuals(ready, prepared.inputs, out)
+                self._control_stream.synchronize()  # the UNet call on the other stream reads them next
+                return residuals
+        return self._control.submit(on_stream)
+
+    def _residuals(self, states: list, inputs: dict, out: RunnerOutput) -> torch.Tensor:
+        """(rows, R) ControlNet residuals for one UNet batch: each served ControlNet runs once over the rows of
+        the requests that named it (both CFG rows, with the control image repeated, as diffusers runs it),
+        each row scaled by its request's controlnet_scale; rows without control stay zero."""
+        offsets, total = [], 0
+        for state in states:
+            offsets.append(total)
+            total += state.unet_rows
+        by_net: dict[str, list[int]] = {}
+        for i, state in enumerate(states):
+            if state.params.controlnet:
+                by_net.setdefault(state.params.controlnet, []).append(i)
+        residuals = None
+        for name, members in by_net.items():
+            model = self.spec.controlnets[name]
+            index = torch.cat([torch.arange(offsets[i], offsets[i] + states[i].unet_rows) for i in members])
+            part = [states[i] for i in members]
+            sample = torch.cat([inputs[s][0] for s in part])
+            timestep = torch.cat([inputs[s][1] for s in part])
+            embeddings = torch.cat([self._slots[s].embeddings for s in part])
+            cond = torch.cat([self._control_image(s).expand(s.unet_rows, -1, -1, -1) for s in part])
+            scale = torch.cat([torch.full((s.unet_rows,), float(s.params.controlnet_scale), device=self.device)
+                               for s in part])
+            start = self.clock()
+            try:
+                if self.torch_executor:
+                    result = self.executor.controlnet(model, sample, timestep, embeddings, cond, scale)
+                else:
+                    result = to_torch(self.executor.controlnet(model, sample.numpy(), timestep.numpy(),
+                                                               embeddings.numpy(), cond.numpy(), scale.numpy()))
+            except Exception as exc:  # noqa: BLE001 - named after the ControlNet, not the UNet
+                if not isinstance(exc, ServingError):
+                    log.exception("%s failed for %s", model, [s.request_id for s in part])
+                raise as_serving_error(model, exc) from None
+            if result.ndim != 2 or result.shape[0] != len(index) or not torch.isfinite(result).all():
+                raise ComponentFailed(model, f"returned residuals of shape {tuple(result.shape)} for {len(index)} rows")
+            out.stages.append(("controlnet", len(index), self.clock() - start))
+            if residuals is None:
+                residuals = torch.zeros((total, result.shape[1]), dtype=result.dtype, device=result.device)
+            residuals[index.to(result.device)] = result
+        return residuals
+
+    def _control_image(self, state) -> torch.Tensor:
+        """The request's control image as the ControlNet takes it: (1, 3, H, W) float in [0, 1] (diffusers'
+        control image processor: RGB, /255, no normalisation), made once per request."""
+        slot = self._slots[state]
+        if slot.control is None:
+            image = torch.from_numpy(np.ascontiguousarray(state.params.control_image))
+            slot.control = (image.permute(2, 0, 1)[None].float() / 255.0).to(self.device)
+        return slot.control
 
     def _decode(self, states: list, out: RunnerOutput) -> None:
         latents = torch.cat([self._slots[s].sampler.latents for s in states]).cpu() / self.spec.vae_scaling_factor

@@ -18,6 +18,7 @@ import triton_python_backend_utils as pb_utils
 
 from triffusion import contract, procs
 from triffusion.orchestrator.errors import ComponentFailed, ComponentUnavailable, InvalidRequest, ServingError
+from triffusion.orchestrator.executor import run_controlnet
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,15 @@ def _tensor(name: str, value) -> "pb_utils.Tensor":
     from torch.utils.dlpack import to_dlpack  # torch tensor, CPU or GPU
 
     return pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
+
+
+def request_input(request, name: str):
+    """A request input as the fronts' validation takes it: an array for contract.ARRAY_INPUTS (the control
+    image), else request_scalar's value."""
+    if name not in contract.ARRAY_INPUTS:
+        return request_scalar(request, name)
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
 
 
 def request_scalar(request, name: str):
@@ -173,9 +183,13 @@ class TritonExecutor:
     def encode(self, input_ids):
         return self._call(self.text_encoder, {"input_ids": input_ids}, "text_embeddings")
 
-    def denoise(self, model, sample, timestep, text_embeddings):
-        return self._call(model, {"sample": sample, "timestep": timestep, "encoder_hidden_states": text_embeddings},
-                          "noise_pred")
+    def denoise(self, model, sample, timestep, text_embeddings, **residuals):
+        return self._call(model, {"sample": sample, "timestep": timestep, "encoder_hidden_states": text_embeddings,
+                                  **residuals}, "noise_pred")
+
+    def controlnet(self, model, sample, timestep, text_embeddings, control_image, scale):
+        return self._call(model, {"sample": sample, "timestep": timestep, "encoder_hidden_states": text_embeddings,
+                                  "controlnet_cond": control_image, "conditioning_scale": scale}, "residuals")
 
     def decode(self, latent):
         return self._call(self.vae_decoder, {"latent": latent}, "image")
@@ -191,10 +205,14 @@ class InProcessUNetExecutor(TritonExecutor):
     """Text encoder and VAE over BLS (once per request), UNet steps in this process: the per-step BLS
     round trip (about 4 ms with GPU tensors on an H100) disappears and latents never leave."""
 
-    def __init__(self, unets: dict, deadlines: Deadlines, **names):
+    def __init__(self, unets: dict, deadlines: Deadlines, controlnets: dict | None = None, **names):
         super().__init__(deadlines, **names)
-        self.unets = unets
+        self.unets = unets  # the controlled UNet (unet_control) too, when ControlNets are served
+        self.controlnets = controlnets or {}  # ControlNets run here too: their residuals stay on the device
 
-    def denoise(self, model, sample, timestep, text_embeddings):
+    def denoise(self, model, sample, timestep, text_embeddings, **residuals):
         return self.unets[model].run({"sample": sample, "timestep": timestep,
-                                      "encoder_hidden_states": text_embeddings})["noise_pred"]
+                                      "encoder_hidden_states": text_embeddings, **residuals})["noise_pred"]
+
+    def controlnet(self, model, sample, timestep, text_embeddings, control_image, scale):
+        return run_controlnet(self.controlnets[model], sample, timestep, text_embeddings, control_image, scale)

@@ -45,7 +45,8 @@ def _serve(args) -> int:
 # `stream` (the command streams over gRPC when it shows progress or saves previews). Ranges and choices come
 # from the server's INVALID_ARG answers, which name the field and what it allows.
 GENERATE_FIELDS = ("negative_prompt", "height", "width", "steps", "guidance_scale", "seed", "scheduler",
-                   "slo_ms", "slo_class", "priority", "min_steps", "step_mode", "unet", "preview_every")
+                   "slo_ms", "slo_class", "priority", "min_steps", "step_mode", "unet", "preview_every",
+                   "control_image", "controlnet", "controlnet_scale")
 
 
 def _generate(args) -> int:
@@ -156,6 +157,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--min-steps", type=int, help="may serve fewer steps, down to this, to meet --slo-ms")
     g.add_argument("--step-mode", choices=STEP_MODES, help="fixed (default): exactly --steps; auto: the server "
                                                            "may stop early once the image settles")
+    g.add_argument("--control-image", metavar="PATH", help="an already processed control image (edges, depth, pose "
+                   "map) of the request's height x width, for --controlnet")
+    g.add_argument("--controlnet", metavar="NAME", help="a ControlNet the server registered (e.g. canny)")
+    g.add_argument("--controlnet-scale", type=float, metavar="SCALE", help="its conditioning scale (default 1.0)")
     g.add_argument("--unet", help='served UNet variant: "default", a preset named at export, or "cascade"')
     g.add_argument("--preview-every", type=int, metavar="N",
                    help="gRPC only: save a low-resolution preview every N steps as OUTPUT_STEM.preview-STEP.png "

@@ -18,8 +18,8 @@ import functools
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from triffusion.contract import (QUALITY_GATE, TEXT_ENCODER, TEXT_ENCODER_MAX_BATCH, TEXT_MAX_LENGTH, UNET,
-                                 VAE_DECODER, TensorSpec)
+from triffusion.contract import (CONTROLNET, QUALITY_GATE, TEXT_ENCODER, TEXT_ENCODER_MAX_BATCH, TEXT_MAX_LENGTH,
+                                 UNET, UNET_CONTROL, VAE_DECODER, TensorSpec)
 
 
 class OutsideProfiles(ValueError):
@@ -38,11 +38,15 @@ class ServingConfig:
     vae_scale: int = 8
     text_hidden: int = 768
     latent_channels: int = 4
+    # ControlNets: the residuals' (channels, stride) in order, down blocks then mid (see residual_layout)
+    control_layout: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def from_dict(cls, data: dict) -> "ServingConfig":
         sizes = tuple((s, s) if isinstance(s, int) else tuple(s) for s in data["sizes"])
-        return cls(sizes=sizes, **{k: v for k, v in data.items() if k != "sizes"})
+        layout = tuple(tuple(x) for x in data.get("control_layout", ()))
+        return cls(sizes=sizes, control_layout=layout,
+                   **{k: v for k, v in data.items() if k not in ("sizes", "control_layout")})
 
     def check_sizes(self) -> None:
         for height, width in self.sizes:
@@ -221,7 +225,65 @@ def _modules() -> dict[str, type]:
         def forward(self, latent):
             return self.vae.decode(latent, return_dict=False)[0]
 
-    return {TEXT_ENCODER: _TextEncoder, UNET: _UNetOutput, VAE_DECODER: _VaeDecode}
+    class _ControlNet(torch.nn.Module):
+        """diffusers' ControlNetModel at scale 1, its residuals flattened into one (rows, R) tensor and
+        scaled per row (diffusers multiplies each residual by one float; a row's scale here is the same
+        product, so rows of different requests and scales share a call)."""
+
+        def __init__(self, controlnet):
+            super().__init__()
+            self.controlnet = controlnet
+
+        def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale):
+            down, mid = self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond,
+                                        conditioning_scale=1.0, return_dict=False)
+            flat = torch.cat([r.flatten(1) for r in (*down, mid)], dim=1)
+            return flat * conditioning_scale.reshape(-1, 1).to(flat.dtype)
+
+    class _ControlledUNet(torch.nn.Module):
+        """The UNet taking a ControlNet's flattened residuals (zeros for rows without control: adding
+        zeros changes nothing), unpacked by the residual layout at the sample's latent size."""
+
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+            self.layout = residual_layout(unet.config)
+
+        def forward(self, sample, timestep, encoder_hidden_states, residuals):
+            height, width = sample.shape[2], sample.shape[3]
+            parts, offset = [], 0
+            for channels, stride in self.layout:
+                h, w = height // stride, width // stride
+                size = channels * h * w
+                parts.append(residuals[:, offset:offset + size].reshape(-1, channels, h, w).to(sample.dtype))
+                offset = offset + size
+            return self.unet(sample, timestep, encoder_hidden_states, down_block_additional_residuals=parts[:-1],
+                             mid_block_additional_residual=parts[-1], return_dict=False)[0]
+
+    return {TEXT_ENCODER: _TextEncoder, UNET: _UNetOutput, VAE_DECODER: _VaeDecode, CONTROLNET: _ControlNet,
+            UNET_CONTROL: _ControlledUNet}
+
+
+def residual_layout(config) -> tuple[tuple[int, int], ...]:
+    """(channels, stride) of each ControlNet residual a UNet (or ControlNet) of this diffusers config
+    adds: conv_in's output, every resnet of every down block, every downsampler but the last block's, then
+    the mid block. Strides are in latent pixels; served latents are multiples of the largest one."""
+    blocks = list(config["block_out_channels"])  # a diffusers FrozenDict or a plain dict
+    layers = config["layers_per_block"]
+    layers = [layers] * len(blocks) if isinstance(layers, int) else list(layers)
+    layout = [(blocks[0], 1)]
+    for i, channels in enumerate(blocks):
+        layout += [(channels, 2 ** i)] * layers[i]
+        if i < len(blocks) - 1:
+            layout.append((channels, 2 ** (i + 1)))
+    layout.append((blocks[-1], 2 ** (len(blocks) - 1)))
+    return tuple(layout)
+
+
+def residual_width(layout, latent_hw: tuple[int, int]) -> int:
+    """R: the flattened residuals' width per row at a latent size."""
+    h, w = latent_hw
+    return sum(c * (h // s) * (w // s) for c, s in layout)
 
 
 def _generator(seed: int):
@@ -378,6 +440,112 @@ class VaeDecoder(Component):
 
 
 @dataclass(frozen=True)
+class ControlledUNet(UNet):
+    """The UNet with a ControlNet's residuals as one more input, `residuals` (rows, R): served as model
+    `unet_control` beside `unet` (same weights) when the pipeline has ControlNets. A UNet batch in which any
+    request has control runs here, with zero residuals for the rows without; a batch without runs on `unet`."""
+
+    layout: tuple[tuple[int, int], ...] = ()
+
+    name = UNET_CONTROL
+    inputs = UNet.inputs + (TensorSpec("residuals", "FP32", (-1, -1)),)
+    dynamic_axes = {**UNet.dynamic_axes, "residuals": {0: "batch", 1: "residual_width"}}
+
+    def input_shapes(self, rows, latent_hw=None):
+        return {**super().input_shapes(rows, latent_hw), "residuals": (rows, residual_width(self.layout, latent_hw))}
+
+    def sample(self, batch, latent_hw=None):
+        import torch
+
+        width = self.input_shapes(batch, latent_hw)["residuals"][1]
+        return super().sample(batch, latent_hw) + (0.1 * torch.randn(batch, width, generator=_generator(batch + 7)),)
+
+    @classmethod
+    def from_model(cls, model):
+        return cls(channels=model.config.in_channels, hidden=model.config.cross_attention_dim,
+                   layout=residual_layout(model.config))
+
+    @classmethod
+    def from_serving(cls, serving):
+        return cls(channels=serving.latent_channels, hidden=serving.text_hidden, layout=serving.control_layout)
+
+    @classmethod
+    def load_pretrained(cls, folder):
+        return UNet.load_pretrained(folder)
+
+
+@dataclass(frozen=True)
+class ControlNet(Component):
+    """A ControlNet (diffusers ControlNetModel): the UNet's inputs plus the control image (rows, 3, H, W) in
+    [0, 1] and a conditioning scale per row -> the residuals for ControlledUNet, flattened and scaled.
+    Served as model `controlnet_<name>` per registered ControlNet; CFG rows included, as diffusers runs it."""
+
+    channels: int = 4
+    hidden: int = 768
+    vae_scale: int = 8  # the conditioning embedding's downsampling: control image pixels per latent pixel
+    layout: tuple[tuple[int, int], ...] = ()
+
+    name = CONTROLNET
+    inputs = (
+        TensorSpec("sample", "FP32", (-1, -1, -1, -1)),
+        TensorSpec("timestep", "FP32", (-1,)),
+        TensorSpec("encoder_hidden_states", "FP32", (-1, TEXT_MAX_LENGTH, -1)),
+        TensorSpec("controlnet_cond", "FP32", (-1, 3, -1, -1)),
+        TensorSpec("conditioning_scale", "FP32", (-1,)),
+    )
+    outputs = (TensorSpec("residuals", "FP32", (-1, -1)),)
+    full_precision = frozenset({"timestep", "conditioning_scale"})
+    dynamic_axes = {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
+                    "encoder_hidden_states": {0: "batch"},
+                    "controlnet_cond": {0: "batch", 2: "image_height", 3: "image_width"},
+                    "conditioning_scale": {0: "batch"}, "residuals": {0: "batch", 1: "residual_width"}}
+
+    def input_shapes(self, rows, latent_hw=None):
+        h, w = latent_hw
+        return {"sample": (rows, self.channels, h, w), "timestep": (rows,),
+                "encoder_hidden_states": (rows, TEXT_MAX_LENGTH, self.hidden),
+                "controlnet_cond": (rows, 3, h * self.vae_scale, w * self.vae_scale), "conditioning_scale": (rows,)}
+
+    def sample(self, batch, latent_hw=None):
+        import torch
+
+        shapes, generator = self.input_shapes(batch, latent_hw), _generator(batch)
+        return (torch.randn(*shapes["sample"], generator=generator),
+                torch.linspace(999, 1, batch),
+                torch.randn(*shapes["encoder_hidden_states"], generator=generator),
+                torch.rand(*shapes["controlnet_cond"], generator=generator),
+                torch.linspace(0.5, 1.5, batch))
+
+    def profile_rows(self, serving):
+        return 1, min(serving.opt_unet_rows, serving.max_unet_rows), serving.max_unet_rows
+
+    @classmethod
+    def graph_rows(cls, serving):
+        return UNet.graph_rows(serving)
+
+    @classmethod
+    def from_model(cls, model):
+        config = model.config
+        return cls(channels=config.in_channels, hidden=config.cross_attention_dim,
+                   vae_scale=2 ** (len(config.conditioning_embedding_out_channels) - 1),
+                   layout=residual_layout(config))
+
+    @classmethod
+    def from_serving(cls, serving):
+        return cls(channels=serving.latent_channels, hidden=serving.text_hidden, vae_scale=serving.vae_scale,
+                   layout=serving.control_layout)
+
+    @classmethod
+    def load_pretrained(cls, folder):
+        from diffusers import ControlNetModel
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        controlnet = ControlNetModel.from_pretrained(str(folder))
+        controlnet.set_attn_processor(AttnProcessor2_0())
+        return controlnet
+
+
+@dataclass(frozen=True)
 class QualityGate(Component):
     """Cascades: scores a batch of same-size generated images (and, optional, the prompt of each: the CLIP
     gate scores an image against it), one score in [0, 1] per image. Served by its own python model
@@ -391,23 +559,30 @@ class QualityGate(Component):
 
 # The exported components: one artifact each (UNet variants add more under their own names).
 COMPONENTS: dict[str, type[Component]] = {c.name: c for c in (TextEncoder, UNet, VaeDecoder)}
+# Exported only when the pipeline has ControlNets (a registry family's `controlnets`).
+CONTROL_COMPONENTS: dict[str, type[Component]] = {c.name: c for c in (ControlledUNet, ControlNet)}
 
 
 def get(kind: str) -> type[Component]:
     """The component class of a kind (a name in COMPONENTS)."""
     try:
-        return COMPONENTS[kind]
+        return COMPONENTS[kind] if kind in COMPONENTS else CONTROL_COMPONENTS[kind]
     except KeyError:
         raise ValueError(f"unknown component '{kind}'") from None
 
 
-def served(unets=()) -> dict[str, type[Component]]:
+def served(unets=(), controlnets=()) -> dict[str, type[Component]]:
     """Triton model name -> component class: the exported components under their own names, and every
-    served UNet (the default `unet` and variants such as unet_tiny_lite) as a UNet."""
+    served UNet (the default `unet` and variants such as unet_tiny_lite) as a UNet; with ControlNets (model
+    names such as controlnet_canny), those and the controlled UNet `unet_control`."""
     models = dict(COMPONENTS)
     models.update({name: UNet for name in unets})
+    if controlnets:
+        models[UNET_CONTROL] = ControlledUNet
+        models.update({name: ControlNet for name in controlnets})
     return models
 
 
-__all__ = ["COMPONENTS", "Component", "OutsideProfiles", "Profile", "QualityGate", "ServingConfig", "TextEncoder",
-           "UNet", "VaeDecoder", "format_graph_shapes", "get", "parse_graph_shapes", "served"]
+__all__ = ["COMPONENTS", "CONTROL_COMPONENTS", "Component", "ControlNet", "ControlledUNet", "OutsideProfiles", "Profile", "QualityGate", "ServingConfig", "TextEncoder",
+           "UNet", "VaeDecoder", "format_graph_shapes", "get", "parse_graph_shapes", "residual_layout",
+           "residual_width", "served"]

@@ -15,6 +15,10 @@ TEXT_MAX_LENGTH = 77  # CLIP context length
 TEXT_ENCODER = "text_encoder"
 UNET = "unet"
 VAE_DECODER = "vae_decoder"
+# ControlNets: each registered one is served as controlnet_<name>; the UNet that takes their residuals is
+# served as unet_control beside unet (same weights), and only when the pipeline has ControlNets.
+CONTROLNET = "controlnet"
+UNET_CONTROL = "unet_control"
 # What clients call: two fronts over the same orchestrator. A front validates and tokenizes, forwards
 # over BLS, and owns the client's request: it answers it even when the orchestrator dies.
 TEXT_TO_IMAGE = "text_to_image"  # unary: HTTP and plain gRPC infer
@@ -66,6 +70,15 @@ RESPONSE_OUTPUTS = (
     TensorSpec("progress", "INT32", (2,)),
     TensorSpec("preview", "UINT8", (-1, -1, 3)),  # latent-resolution RGB approximation, streamed
 )
+# ControlNet request inputs, declared by the fronts only when the pipeline serves ControlNets: an already
+# processed control image (edges, depth, pose) of the request's height x width, a registered ControlNet's
+# name and its conditioning scale.
+CONTROL_INPUTS = (
+    TensorSpec("control_image", "UINT8", (-1, -1, 3)),
+    TensorSpec("controlnet", "BYTES", (1,)),
+    TensorSpec("controlnet_scale", "FP32", (1,)),
+)
+ARRAY_INPUTS = ("control_image",)  # request inputs that are arrays, not [1]-shaped fields
 STREAM_ONLY = ("stream", "preview_every")  # request fields the unary front refuses (nothing to stream to)
 
 # The orchestrator through Triton (internal): control messages only (JSON: {"op": "health" | "drain" |

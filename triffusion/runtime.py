@@ -190,7 +190,7 @@ def load_torch_runtime(folder: str | os.PathLike, device: str = "cpu", graph_sha
     if not meta.exists():
         raise FileNotFoundError(f"{folder}: not a torch artifact (no {COMPONENT_FILE}); export with --runtime torch")
     kind = json.loads(meta.read_text())["kind"]
-    if kind not in components.COMPONENTS:
+    if kind not in components.COMPONENTS and kind not in components.CONTROL_COMPONENTS:
         raise ValueError(f"{meta}: unknown component kind '{kind}'")
     component = components.get(kind)
     model = component.load_pretrained(folder)

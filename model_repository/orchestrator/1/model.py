@@ -76,10 +76,12 @@ class TritonPythonModel:
         if self.config.unet_executor == "bls":
             return TritonExecutor(self.deadlines)
         graphs = pipeline.get("graphs", {})
-        unets = {name: create_runtime(self.config.runtime, repository / pipeline["artifacts"][name],
-                                      device=self.config.device, graph_shapes=graphs.get(name, ""))
-                 for name in self.unets.values()}
-        return InProcessUNetExecutor(unets, self.deadlines)
+        load = lambda name: create_runtime(self.config.runtime, repository / pipeline["artifacts"][name],
+                                           device=self.config.device, graph_shapes=graphs.get(name, ""))
+        control = pipeline.get("control") or {}  # ControlNets and the controlled UNet run here too
+        unets = {name: load(name) for name in [*self.unets.values(), *([control["unet"]] if control else [])]}
+        controlnets = {name: load(name) for name in control.get("controlnets", {}).values()}
+        return InProcessUNetExecutor(unets, self.deadlines, controlnets=controlnets)
 
     # ---- the fronts' channel ---------------------------------------------------------------------
     def _serve_front(self, channel):

@@ -15,7 +15,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triffusion import contract
-from triffusion.bls import is_cancelled, request_scalar, send, triton_error
+from triffusion.bls import is_cancelled, request_input, send, triton_error
 from triffusion.channel import ChannelClosed, connect, socket_path
 from triffusion.orchestrator.errors import ComponentUnavailable, InvalidRequest, ServingError, ShuttingDown
 from triffusion.orchestrator.front import Front, dispatch
@@ -112,7 +112,7 @@ class TritonPythonModel:
             received = time.monotonic()
             sink = Sink(request)
             try:
-                raw = {n: v for n in self.input_names if (v := request_scalar(request, n)) is not None}
+                raw = {n: v for n in self.input_names if (v := request_input(request, n)) is not None}
                 params, ids = self.front.prepare(raw)
                 timeout_us = request.timeout()
                 inflight = self.front.accept(sink, stream=self.decoupled and params.stream,
