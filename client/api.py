@@ -260,8 +260,8 @@ def generate(prompt: str, *, url: str | None = None, protocol: str = "grpc", str
              on_progress: Callable[[int, int], None] | None = None, timeout_s: float | None = None,
              connect_timeout_s: float | None = CONNECT_TIMEOUT_S, **fields: Any) -> GenerationResult:
     """Generate one image. Fields: any request input by name (negative_prompt, height, width, steps,
-    guidance_scale, seed, scheduler, slo_ms, priority, min_steps, step_mode, unet, controlnet with
-    control_image (a path, PIL image or (H, W, 3) uint8 array of the
+    guidance_scale, seed, scheduler, slo_ms, priority, min_steps, step_mode, unet, lora ("name:scale,..."
+    of registered adapters), controlnet with control_image (a path, PIL image or (H, W, 3) uint8 array of the
     request's size) and controlnet_scale; preview_every needs a stream). gRPC with `stream` or `on_progress` streams progress.
 
     timeout_s: the request's deadline; the server stops the work once it passed (gRPC: the call's deadline

@@ -1,5 +1,7 @@
 """python -m triffusion.export build (--preset NAME [--random-weights] | --model PATH | --registry F --family N)
---out DIR [--seed N] [--force]"""
+--out DIR [--seed N] [--force]
+python -m triffusion.export add-lora --repo DIR --name NAME --file ADAPTER.safetensors
+python -m triffusion.export make-lora --repo DIR --out ADAPTER.safetensors [--rank R] [--format diffusers|kohya]"""
 
 from __future__ import annotations
 
@@ -51,7 +53,33 @@ def parser() -> argparse.ArgumentParser:
                    "sd15-controlnet) or a local ControlNetModel folder (repeatable; a registry family's controlnets)")
     b.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the served components run (cuda: onnxruntime-gpu's CUDA provider)")
+    a = sub.add_parser("add-lora", help="register a LoRA adapter (safetensors: diffusers/PEFT or kohya) in a built "
+                       "repository, without rebuilding")
+    a.add_argument("--repo", required=True, type=Path, help="the built model repository")
+    a.add_argument("--name", required=True, help="the name requests give in `lora` (NAME:SCALE)")
+    a.add_argument("--file", required=True, type=Path, help="the adapter, a .safetensors file")
+    a.add_argument("--force", action="store_true", help="replace an adapter of the same name")
+    m = sub.add_parser("make-lora", help="write a seeded LoRA adapter for a repository's UNet (an example file)")
+    m.add_argument("--repo", required=True, type=Path)
+    m.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
+    m.add_argument("--rank", type=int, default=4)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--format", choices=("diffusers", "kohya"), default="diffusers")
+    m.add_argument("--std", type=float, default=0.05, help="standard deviation of the random A and B weights")
     return p
+
+
+def _lora_command(args) -> int:
+    from .lora import add_lora, make_lora
+
+    try:
+        if args.command == "add-lora":
+            add_lora(args.repo, args.name, args.file, force=args.force)
+        else:
+            make_lora(args.repo, args.out, rank=args.rank, seed=args.seed, fmt=args.format, std=args.std)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return 0
 
 
 def from_registry(path: Path, family: str | None):
@@ -84,6 +112,9 @@ def from_registry(path: Path, family: str | None):
                "slo_classes": registry.slo_classes}
     if fam.controlnets:
         section["controlnets"] = dict(fam.controlnets)
+    if fam.lora:  # adapter files are relative to the registry file
+        adapters = {name: str((Path(path).parent / file).resolve()) for name, file in fam.lora.get("adapters", {}).items()}
+        section["lora"] = {**fam.lora, "adapters": adapters}
     return base.preset, base.model, tuple(v.preset for v in others), section, cascade
 
 
@@ -98,6 +129,8 @@ def _name_value(item: str, flag: str) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command in ("add-lora", "make-lora"):
+        return _lora_command(args)
     from .build import build
 
     if args.registry and (args.preset or args.model):

@@ -313,6 +313,12 @@ def build(preset: str | None, model: str | None, out: Path, seed: int = 0, force
         info["control"] = {"unet": contract.UNET_CONTROL, "controlnets": control_models,
                            "sources": dict(controlnets),
                            "layout": [list(x) for x in components.residual_layout(pipeline.unet.config)]}
+    if registry and registry.get("lora"):  # LoRA adapters: the UNet once more for the in-process torch runtime
+        if target != "embedded":
+            raise SystemExit("LoRA adapters are served by the embedded target (the torch runtime's adapter slots)")
+        from .lora import enable
+
+        enable(out, info, pipeline.unet, registry["lora"], log=log)
     if runtime == "torch":  # CUDA graphs per served bucket, captured at load
         info["served_sizes"] = sizes or [info["limits"]["default_height"]]
         serving = ServingConfig(sizes=tuple((s, s) for s in info["served_sizes"]), max_unet_rows=max_unet_rows,

@@ -53,11 +53,12 @@ def orchestrator_config(params: dict) -> str:
             + _tensors("output", contract.ORCHESTRATOR_OUTPUTS) + _instances(1) + _parameters(params))
 
 
-def front_config(name: str, max_inflight: int = 256, control: bool = False) -> str:
+def front_config(name: str, max_inflight: int = 256, control: bool = False, lora: bool = False) -> str:
     """A front: the request inputs (each of shape [1]) and the responses clients read. The unary front runs
     in default mode but answers through a response sender: no request ever holds its instance. `control`:
     the pipeline serves ControlNets, so the fronts also take a control image, a ControlNet name and scale."""
-    inputs = contract.REQUEST_INPUTS + (contract.CONTROL_INPUTS if control else ())
+    inputs = (contract.REQUEST_INPUTS + (contract.CONTROL_INPUTS if control else ())
+              + (contract.LORA_INPUTS if lora else ()))  # lora: the pipeline has LoRA adapters
     optional = {s.name for s in inputs if s.name != "prompt"}
     stream = name == contract.TEXT_TO_IMAGE_STREAM
     outputs = [s for s in contract.RESPONSE_OUTPUTS if stream or s.name not in ("progress", "preview")]
@@ -90,6 +91,9 @@ def default_limits(pipeline: dict) -> dict:
     if pipeline.get("control"):  # the ControlNets a request may name
         limits["controlnets"] = sorted(pipeline["control"]["controlnets"])
     limits.update(pipeline.get("limits", {}))
+    lora = pipeline.get("lora")
+    if lora:  # the adapters a request may name follow pipeline.json's lora section (add-lora extends it)
+        limits.update({"adapters": sorted(lora.get("adapters", {})), "max_lora": int(lora["max_per_request"])})
     return limits
 
 
@@ -165,5 +169,6 @@ def write_repository(out_dir: Path, pipeline: dict, *, runtime: str = "onnxrunti
                 name, baselines["pipeline"], device, max_batch, baselines.get("delay_us", 50_000)))
     for front in contract.FRONTS:  # one adapter serves both fronts
         _copy_adapter(contract.TEXT_TO_IMAGE, out_dir / front)
-        (out_dir / front / "config.pbtxt").write_text(front_config(front, max_inflight, control=bool(control)))
+        (out_dir / front / "config.pbtxt").write_text(front_config(front, max_inflight, control=bool(control),
+                                                                    lora=bool(pipeline.get("lora"))))
     return out_dir

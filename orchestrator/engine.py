@@ -36,6 +36,7 @@ class Observer:
     def cascade(self, state: RequestState, router) -> None: ...
     def decision(self, decision) -> None: ...
     def loop_error(self) -> None: ...
+    def adapter(self, event: str, value) -> None: ...  # LoRA cache: hit, miss, eviction (counts), load (seconds)
 
 
 class Engine:
@@ -252,6 +253,10 @@ class Engine:
             "slo_met": state.slo_met,
             "priority": p.priority,
             "degraded_from_steps": state.requested_steps,
+            "lora": ({"adapters": [{"name": name, "scale": scale} for name, scale in p.lora],
+                      "cache": state.adapter_cache,
+                      "wait_ms": round(state.adapter_wait_s * 1000.0, 3) if state.adapter_wait_s is not None else None}
+                     if p.lora else None),
             # which ControlNet served it (request name and model), at which scale; None without control
             "controlnet": ({"name": p.controlnet, "model": self.runner.spec.controlnets.get(p.controlnet),
                             "scale": round(p.controlnet_scale, 6)} if p.controlnet else None),  # FP32 on the wire

@@ -31,9 +31,15 @@ class MetricsObserver(Observer):
             family("triffusion_supervisor_actions", "Reloads of a model and restarts of tritonserver the "
                    "supervisor made since it started", gauge),
             family("triffusion_engine_loop_errors_total", "Engine iterations that failed outside the runner", counter),
+            family("triffusion_adapter_cache_total", "LoRA adapter cache lookups by a request (hit, miss) and "
+                   "evictions", counter),
+            family("triffusion_adapter_load_seconds", "Time to load a LoRA adapter into a slot (off the engine "
+                   "thread)", histogram),
         ]
         (self._requests, self._slo, queue, batch, stage, self._call_family, routes, cascade,
-         controller, self._failure_family, self._supervisor_family, loop_errors) = self._families
+         controller, self._failure_family, self._supervisor_family, loop_errors, adapters, adapter_loads) = self._families
+        self._adapter_events = {event: adapters.Metric(labels={"event": event}) for event in ("hit", "miss", "eviction")}
+        self._adapter_loads = adapter_loads.Metric(labels={}, buckets=SECONDS_BUCKETS)
         self._failures: dict[tuple, object] = {}
         self._supervisor: dict[tuple, object] = {}
         self._loop_errors = loop_errors.Metric(labels={})
@@ -124,3 +130,9 @@ class MetricsObserver(Observer):
             if key not in self._supervisor:
                 self._supervisor[key] = self._supervisor_family.Metric(labels={"action": key[0], "model": key[1]})
             self._supervisor[key].set(float(event.get("count", 0)))
+
+    def adapter(self, event, value) -> None:
+        if event == "load":
+            self._adapter_loads.observe(float(value))
+        elif event in self._adapter_events:
+            self._adapter_events[event].increment(int(value))

@@ -46,6 +46,10 @@ class Limits:
     min_controlnet_scale: float = 0.0
     max_controlnet_scale: float = 2.0
     default_controlnet_scale: float = 1.0
+    adapters: tuple = ()  # LoRA adapters registered (pipeline.json lora.adapters): the names `lora` may give
+    max_lora: int = 0  # adapters a request may name (registry lora.max_per_request); 0: the server has none
+    min_lora_scale: float = -2.0
+    max_lora_scale: float = 2.0
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Limits":
@@ -55,7 +59,7 @@ class Limits:
             raise ValueError(f"unknown limits keys: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
         if data.get("sizes") is not None:
             data = {**data, "sizes": tuple(tuple(s) for s in data["sizes"])}
-        for key in ("unets", "controlnets"):
+        for key in ("unets", "controlnets", "adapters"):
             if key in data:
                 data = {**data, key: tuple(data[key])}
         return cls(**data)
@@ -86,6 +90,7 @@ class GenerationParams:
     controlnet: str | None = None  # a served ControlNet's name; None: no control
     controlnet_scale: float | None = None  # its conditioning scale (multiplies its residuals); None without
     control_image: Any = None  # with controlnet: the processed control image, (height, width, 3) uint8
+    lora: tuple = ()  # ((adapter name, scale), ...): registered LoRA adapters applied to the UNet
 
     @property
     def uses_cfg(self) -> bool:
@@ -224,12 +229,15 @@ def parse_params(raw: Mapping[str, Any], limits: Limits, count_tokens=None) -> G
     # 5. Control: a served ControlNet, its scale, and an already processed control image of the request's size.
     controlnet, controlnet_scale, control_image = _control(raw, limits, unet, size["height"], size["width"])
 
+    # 6. LoRA adapters: registered names with scales, at most max_lora of them.
+    lora = _lora(raw.get("lora"), limits, unet)
+
     return GenerationParams(prompt=prompt, negative_prompt=negative, steps=steps,
                             guidance_scale=guidance, seed=seed, scheduler=scheduler,
                             stream=bool(raw.get("stream", False)), slo_ms=slo_ms, priority=priority,
                             min_steps=min_steps, step_mode=step_mode, preview_every=preview_every, unet=unet,
                             slo_class=slo_class, min_quality=min_quality, controlnet=controlnet,
-                            controlnet_scale=controlnet_scale, control_image=control_image, **size)
+                            controlnet_scale=controlnet_scale, control_image=control_image, lora=lora, **size)
 
 
 def _control(raw: Mapping[str, Any], limits: Limits, unet: str, height: int, width: int):
@@ -268,3 +276,44 @@ def _control(raw: Mapping[str, Any], limits: Limits, unet: str, height: int, wid
     if image.shape != (height, width, 3):
         raise InvalidRequest("control_image", f"has shape {tuple(image.shape)}; {want}")
     return controlnet, scale, np.ascontiguousarray(image)
+
+
+def _lora(value, limits: Limits, unet: str) -> tuple:
+    """`lora`: "name:scale,name2:scale" (a bare name means scale 1), or the parsed pairs the orchestrator gets
+    from a front; registered names only, each once, at most max_lora, scales in range."""
+    if value is None or value == "" or value == b"" or (isinstance(value, (list, tuple)) and not value):
+        return ()
+    low, high = limits.min_lora_scale, limits.max_lora_scale
+    form = f"allowed: up to {limits.max_lora} of NAME:SCALE separated by commas, SCALE in {low}..{high}"
+    if not limits.max_lora:
+        raise InvalidRequest("lora", "is not served: the server has no LoRA adapters")
+    if isinstance(value, (list, tuple)):
+        pairs = [tuple(p) if isinstance(p, (list, tuple)) and len(p) == 2 else (None, None) for p in value]
+    else:
+        text = _text("lora", value, limits)
+        pairs = []
+        for item in text.split(","):
+            name, sep, scale = item.strip().partition(":")
+            pairs.append((name.strip(), scale.strip() if sep else "1.0"))
+    if len(pairs) > limits.max_lora:
+        raise InvalidRequest("lora", f"names {len(pairs)} adapters; {form}")
+    if unet != "default":
+        raise InvalidRequest("lora", f"applies to unet 'default' only; the request asks for unet '{unet}'")
+    out, seen = [], set()
+    for name, scale in pairs:
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("lora", f"is malformed; {form}")
+        if name not in limits.adapters:
+            served = ", ".join(limits.adapters) or "none"
+            raise InvalidRequest("lora", f"'{name[:64]}' is not a registered adapter; allowed: {served}")
+        if name in seen:
+            raise InvalidRequest("lora", f"names '{name}' twice; {form}")
+        seen.add(name)
+        try:
+            number = float(scale)
+        except (TypeError, ValueError):
+            raise InvalidRequest("lora", f"scale '{str(scale)[:32]}' of '{name}' is not a number; {form}") from None
+        if number != number or not low <= number <= high:
+            raise InvalidRequest("lora", f"scale {number} of '{name}' is out of range; allowed {low}..{high}")
+        out.append((name, number))
+    return tuple(out)

@@ -31,6 +31,7 @@ class Family:
     styles: tuple[str, ...] = ()
     entropy: dict = field(default_factory=dict)  # EntropyStop thresholds
     controlnets: dict = field(default_factory=dict)  # request name -> ControlNet preset or local folder
+    lora: dict = field(default_factory=dict)  # LoRA: max_per_request, max_rank, cache_mib, adapters {name: file}
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,31 @@ def _controlnets(section, path: str) -> dict[str, str]:
     return out
 
 
+LORA_KEYS = {"max_per_request": (1, 8), "max_rank": (1, 256), "cache_mib": (1, 65536)}
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # no ':' or ',': the request syntax uses them
+
+
+def _lora(section, path: str) -> dict:
+    """`lora: {max_per_request: 3, max_rank: 16, cache_mib: 64, adapters: {name: file.safetensors}}`."""
+    if not isinstance(section, dict):
+        raise RegistryError(f"{path}: expected a mapping with {', '.join(LORA_KEYS)}, adapters")
+    _only(section, set(LORA_KEYS) | {"adapters"}, path)
+    for key, (low, high) in LORA_KEYS.items():
+        if key in section:
+            value = _require(section, key, int, path)
+            if not low <= value <= high:
+                raise RegistryError(f"{path}.{key}: {value} is out of range; allowed {low}..{high}")
+    adapters = section.get("adapters", {})
+    if not isinstance(adapters, dict):
+        raise RegistryError(f"{path}.adapters: expected a mapping of name -> .safetensors file")
+    for name, file in adapters.items():
+        if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+            raise RegistryError(f"{path}.adapters.{name}: an adapter name is 1..64 of letters, digits, '_', '.', '-'")
+        if not isinstance(file, str) or not file.endswith(".safetensors"):
+            raise RegistryError(f"{path}.adapters.{name}: expected a .safetensors file (no pickle)")
+    return dict(section)
+
+
 def parse_registry(data: dict, presets: set[str] | None = None) -> Registry:
     """Validate and build; `presets` (the export's preset names) checks variant presets when given."""
     if not isinstance(data, dict):
@@ -105,7 +131,7 @@ def parse_registry(data: dict, presets: set[str] | None = None) -> Registry:
     families = {}
     for name, body in _require(data, "families", dict, "").items():
         path = f"families.{name}"
-        _only(body, {"variants", "default", "cascade", "styles", "entropy", "controlnets"}, path)
+        _only(body, {"variants", "default", "cascade", "styles", "entropy", "controlnets", "lora"}, path)
         variants = {}
         for vname, vbody in _require(body, "variants", dict, path).items():
             vpath = f"{path}.variants.{vname}"
@@ -139,7 +165,7 @@ def parse_registry(data: dict, presets: set[str] | None = None) -> Registry:
         # ControlNet presets are checked by the export (export/configs/*/controlnet.json), which builds them
         controlnets = _controlnets(body.get("controlnets", {}), f"{path}.controlnets")
         families[name] = Family(name, variants, default, cascade, tuple(body.get("styles", ())), dict(entropy),
-                                controlnets)
+                                controlnets, lora=_lora(body.get("lora", {}), f"{path}.lora"))
     slo_classes = data.get("slo_classes", {})
     for cname, cbody in slo_classes.items():
         cpath = f"slo_classes.{cname}"

@@ -67,6 +67,9 @@ class RequestState:
     escalation_skipped: bool = False  # the gate asked for the heavy model, too late to meet the deadline
     answered: bool = False  # its one final answer went to the sink
     cancel_requested: bool = False  # the client went away; it leaves at the next step boundary
+    adapter_cache: str | None = None  # LoRA: "hit" (its adapters were resident) or "miss" (it waited for a load)
+    adapter_wait_s: float | None = None  # LoRA: time it waited for its adapters to load
+    adapter_pinned: bool = False  # LoRA: its adapters are pinned in the cache (released when it leaves)
 
     @property
     def deadline(self) -> float | None:

@@ -83,6 +83,13 @@ def to_torch(value, device: torch.device | None = None) -> torch.Tensor:
     return tensor if tensor.device == target else tensor.to(target)
 
 
+def _row_adapters(states, rows: list[int]) -> list | None:
+    """Each UNet row's LoRA (name, scale) pairs (a request's rows share them), or None when no row has any."""
+    if not any(s.params.lora for s in states):
+        return None
+    return [s.params.lora for s, n in zip(states, rows) for _ in range(n)]
+
+
 class Runner:
     def __init__(self, executor, spec: PipelineSpec, *, device: str | None = None, pipelined: bool = True,
                  clock=time.monotonic, max_decode_batch: int | None = None, patch_grid=None,
@@ -113,6 +120,9 @@ class Runner:
     def release(self, states) -> None:
         for state in states:
             self._slots.pop(state, None)
+        release = getattr(self.executor, "release", None)  # an executor holding per-request resources (LoRA)
+        if release is not None:
+            release(states)
 
     # ---- one plan ----------------------------------------------------------------------------
     def execute(self, plan: Plan) -> RunnerOutput:
@@ -308,7 +318,7 @@ class Runner:
             if controlled:  # computed ahead for the whole batch, or here for a part of it (a retry)
                 residuals = residuals.result() if residuals is not None else self._residuals(states, inputs, out)
             noise = self._unet(states[0].bucket, sample, torch.cat([t for _, t in rows]), torch.cat(embeddings), out,
-                               residuals if controlled else None)
+                               residuals if controlled else None, _row_adapters(states, [s.unet_rows for s in states]))
             return dict(zip(states, noise.split([s.unet_rows for s in states])))
         # Patch-level batching: one call over the patches of requests of several resolutions.
         grid = self.patch_grid
@@ -322,20 +332,24 @@ class Runner:
             counts.append(patches.shape[0])
         tile_px = grid.tile * self.spec.vae_scale_factor
         noise = self._unet((states[0].model, tile_px, tile_px), torch.cat(tiles), torch.cat(timesteps),
-                           torch.cat(embeds), out)
+                           torch.cat(embeds), out, adapters=_row_adapters(states, counts))
         scale = self.spec.vae_scale_factor
         return {s: grid.stitch(part, s.params.height // scale, s.params.width // scale)
                 for s, part in zip(states, noise.split(counts))}
 
-    def _unet(self, bucket: tuple, sample, timestep, embeddings, out: RunnerOutput, residuals=None) -> torch.Tensor:
+    def _unet(self, bucket: tuple, sample, timestep, embeddings, out: RunnerOutput, residuals=None,
+              adapters=None) -> torch.Tensor:
         start = self.clock()
         # With ControlNet residuals the batch runs on the controlled UNet (same weights, one more input).
         model, extra = (bucket[0], {}) if residuals is None else (self.spec.control_unet, {"residuals": residuals})
+        # LoRA: each row's (adapter, scale) pairs travel with the call, when a row has any (orchestrator.adapters)
+        extra_adapters = {"adapters": adapters} if adapters else {}
         if self.torch_executor:  # tensors stay on the device; the runtime returns when the GPU is done
-            noise = self.executor.denoise(model, sample, timestep, embeddings, **extra)
+            noise = self.executor.denoise(model, sample, timestep, embeddings, **extra, **extra_adapters)
         else:  # the numpy boundary, on the CPU
             extra = {k: v.numpy() for k, v in extra.items()}
-            noise = to_torch(self.executor.denoise(model, sample.numpy(), timestep.numpy(), embeddings.numpy(), **extra))
+            noise = to_torch(self.executor.denoise(model, sample.numpy(), timestep.numpy(), embeddings.numpy(), **extra,
+                                                   **extra_adapters))
         if tuple(noise.shape) != tuple(sample.shape):
             raise ComponentFailed(bucket[0], f"returned shape {tuple(noise.shape)} for input {tuple(sample.shape)}")
         out.unet_calls.append((bucket, len(sample), self.clock() - start))

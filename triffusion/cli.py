@@ -45,7 +45,7 @@ def _serve(args) -> int:
 # `stream` (the command streams over gRPC when it shows progress or saves previews). Ranges and choices come
 # from the server's INVALID_ARG answers, which name the field and what it allows.
 GENERATE_FIELDS = ("negative_prompt", "height", "width", "steps", "guidance_scale", "seed", "scheduler",
-                   "slo_ms", "slo_class", "priority", "min_steps", "step_mode", "unet", "preview_every",
+                   "slo_ms", "slo_class", "priority", "min_steps", "step_mode", "unet", "preview_every", "lora",
                    "control_image", "controlnet", "controlnet_scale")
 
 
@@ -162,6 +162,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--controlnet", metavar="NAME", help="a ControlNet the server registered (e.g. canny)")
     g.add_argument("--controlnet-scale", type=float, metavar="SCALE", help="its conditioning scale (default 1.0)")
     g.add_argument("--unet", help='served UNet variant: "default", a preset named at export, or "cascade"')
+    g.add_argument("--lora", metavar="NAME:SCALE[,NAME:SCALE]",
+                   help="registered LoRA adapters and their scales (e.g. watercolor:0.8); the server lists its "
+                        "adapters when a name is wrong")
     g.add_argument("--preview-every", type=int, metavar="N",
                    help="gRPC only: save a low-resolution preview every N steps as OUTPUT_STEM.preview-STEP.png "
                         "next to --output (latent resolution, 1/8 of the image; not after the last step)")

@@ -78,6 +78,9 @@ CONTROL_INPUTS = (
     TensorSpec("controlnet", "BYTES", (1,)),
     TensorSpec("controlnet_scale", "FP32", (1,)),
 )
+# LoRA request input, declared by the fronts only when the pipeline has adapters: "name:scale,name2:scale"
+# (registered adapter names, never a path).
+LORA_INPUTS = (TensorSpec("lora", "BYTES", (1,)),)
 ARRAY_INPUTS = ("control_image",)  # request inputs that are arrays, not [1]-shaped fields
 STREAM_ONLY = ("stream", "preview_every")  # request fields the unary front refuses (nothing to stream to)
 

@@ -29,7 +29,8 @@ def generate_options() -> dict[str, str]:
 
 
 def test_every_request_field_has_an_option():
-    fields = {spec.name for spec in contract.REQUEST_INPUTS + contract.CONTROL_INPUTS} - {"prompt", "stream"}
+    fields = ({spec.name for spec in contract.REQUEST_INPUTS + contract.CONTROL_INPUTS + contract.LORA_INPUTS}
+              - {"prompt", "stream"})
     assert set(cli.GENERATE_FIELDS) == fields
     options = generate_options()
     assert fields <= set(options)

@@ -77,8 +77,8 @@ def test_the_unary_front_refuses_stream_fields_by_name(field):
 
 def test_unknown_fields_are_refused_by_name():
     front, _, _ = make_front()
-    with pytest.raises(InvalidRequest, match=r"^lora: is not a request field; allowed: prompt, "):
-        front.prepare({"prompt": "a cat", "lora": "x"})
+    with pytest.raises(InvalidRequest, match=r"^lora_path: is not a request field; allowed: prompt, "):
+        front.prepare({"prompt": "a cat", "lora_path": "x"})
 
 
 def test_the_front_holds_at_most_max_inflight_and_frees_on_answer():

@@ -33,7 +33,7 @@ def test_example_registry_loads():
     (lambda d: d["families"]["tiny"]["variants"]["light"].update(model="/x"),
      "families.tiny.variants.light: give exactly one of preset or model"),
     (lambda d: d["families"]["tiny"].update(defualt="heavy"),
-     "families.tiny.defualt: unknown key; allowed: cascade, controlnets, default, entropy, styles, variants"),
+     "families.tiny.defualt: unknown key; allowed: cascade, controlnets, default, entropy, lora, styles, variants"),
     (lambda d: d["families"]["tiny"].update(default="medium"),
      "families.tiny.default: 'medium' is not a variant; variants: heavy, light"),
     (lambda d: d["slo_classes"]["batch"].update(slo_ms=0), "slo_classes.batch.slo_ms: 0 is out of range"),

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from triffusion import lora
 from triffusion.bls import Deadlines, InProcessUNetExecutor, TritonExecutor, request_scalar, send
 from triffusion.channel import ChannelClosed, Listener, socket_path
 from triffusion.orchestrator.config import OrchestratorConfig, build_engine, unets_of
@@ -66,8 +67,17 @@ class TritonPythonModel:
         kinds = pb_utils.MetricFamily
         self.observer = observer = MetricsObserver(kinds, kinds.COUNTER, kinds.GAUGE, kinds.HISTOGRAM)
         self.deadlines = Deadlines(self.config.component_timeout_s)
-        executor = self._executor(Path(args["model_repository"]).parent, pipeline)
+        repository = Path(args["model_repository"]).parent
+        executor = self._executor(repository, pipeline)
+        self.adapters = None  # LoRA: adapters in static slots of an in-process UNet (triffusion.lora)
+        if pipeline.get("lora"):
+            executor, self.adapters = lora.serve(pipeline, repository, executor, observer=observer,
+                                                 device=self.config.device)
         self.engine, self.limits = build_engine(self.config, pipeline, executor, profile=profile, observer=observer)
+        self._submit = self.engine.submit
+        if self.adapters is not None:  # requests wait for their adapters before they reach the engine
+            self.adapters.connect(self.engine.submit)
+            self._submit = self.adapters.admit
         self.engine.start()
         self.listener = Listener(socket_path(os.getppid()), self._serve_front)
 
@@ -90,9 +100,10 @@ class TritonPythonModel:
             request_id = str(message.get("id"))
             try:
                 if message.get("op") == "cancel":
-                    self.engine.cancel(request_id)
+                    if self.adapters is None or not self.adapters.cancel(request_id):
+                        self.engine.cancel(request_id)
                 else:
-                    self.engine.submit(self._state(message, ChannelSink(channel, request_id)))
+                    self._submit(self._state(message, ChannelSink(channel, request_id)))
             except ServingError as exc:
                 self._refuse(channel, request_id, exc)
             except Exception:  # noqa: BLE001 - a malformed message must not reach the engine
@@ -157,4 +168,6 @@ class TritonPythonModel:
     def finalize(self):
         self.listener.close()
         self.engine.stop(grace_s=DRAIN_GRACE_S)
+        if self.adapters is not None:
+            self.adapters.close()
         self.deadlines.close()
