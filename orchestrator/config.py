@@ -10,8 +10,10 @@ from triffusion.contract import TEXT_ENCODER_MAX_BATCH
 
 from .cascade import LoadController, options_from
 from .engine import Engine, Observer
+from .group import EngineGroup
 from .params import Limits
 from .patches import PatchGrid
+from .placement import PLACEMENTS
 from .policies import POLICIES, create_policy
 from .predictor import LatencyPredictor
 from .quality import StepProfile
@@ -50,15 +52,19 @@ class OrchestratorConfig:
     admission: str = "on"  # SLO admission control (reject what cannot meet its SLO, degrade steps to meet it)
     auto_steps: str = "on"  # step_mode auto: the entropy stop and the SLO class's quality floor
     cascade_routing: str = "on"  # unet=cascade starts on the light model; off: the heavy model answers
+    # Many devices in one orchestrator: an engine per device (cuda -> cuda:0..devices-1; cpu: stand-ins), each
+    # request placed by `placement` (orchestrator.placement). 1: the single-engine path.
+    devices: int = 1
+    placement: str = "least_finish"
 
     def __post_init__(self):
         checks = {"policy": tuple(POLICIES), "hybrid": HYBRID, "unet_executor": UNET_EXECUTORS, "runtime": RUNTIMES,
-                  "admission": SWITCH, "auto_steps": SWITCH, "cascade_routing": SWITCH}
+                  "admission": SWITCH, "auto_steps": SWITCH, "cascade_routing": SWITCH, "placement": tuple(PLACEMENTS)}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"orchestrator parameter {name}: '{getattr(self, name)}' is unknown; "
                                  f"choose one of: {', '.join(allowed)}")
-        for name in ("max_active", "max_queue", "max_batch", "patch", "controller_gpus"):
+        for name in ("max_active", "max_queue", "max_batch", "patch", "controller_gpus", "devices"):
             if getattr(self, name) < 1:
                 raise ValueError(f"orchestrator parameter {name}: {getattr(self, name)} is out of range; allowed >= 1")
         for name in ("halo", "max_decode_batch", "max_encode_rows"):
@@ -186,3 +192,29 @@ def build_engine(config: OrchestratorConfig, pipeline: dict, executor, *, profil
     engine = Engine(scheduler, runner, model=spec.model, observer=observer,
                     stuck_after_s=3 * config.component_timeout_s, **options)
     return engine, Limits.from_dict(pipeline.get("limits", {}))
+
+
+def device_names(config: OrchestratorConfig) -> list[str]:
+    """The devices of the orchestrator's engines: `device` alone, or cuda:0..N-1 (a CPU stand-in N times)."""
+    if config.devices == 1:
+        return [config.device]
+    base = config.device.split(":")[0]
+    return [f"{base}:{i}" if base == "cuda" else base for i in range(config.devices)]
+
+
+def build_engines(config: OrchestratorConfig, pipeline: dict, executors: list, *, profile: dict | None = None,
+                  observer: Observer | None = None, clock=None):
+    """One engine per device (`executors`, one each, in device_names order): with one device exactly
+    build_engine's engine; with more an EngineGroup placing requests by load, whose cascade split over the
+    devices comes from a controller over all of them."""
+    if len(executors) != config.devices:
+        raise ValueError(f"executors: {len(executors)} for {config.devices} devices; give one per device")
+    if config.devices == 1:
+        return build_engine(config, pipeline, executors[0], profile=profile, observer=observer, clock=clock)
+    engines = []
+    for device, executor in zip(device_names(config), executors):
+        engine, limits = build_engine(config.replace(device=device), pipeline, executor, profile=profile,
+                                      observer=observer, clock=clock)
+        engines.append(engine)
+    _, _, split = cascade_of(config.replace(controller_gpus=max(config.devices, config.controller_gpus)), pipeline)
+    return EngineGroup(engines, config.placement, controller=split), limits
