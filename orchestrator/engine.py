@@ -169,7 +169,10 @@ class Engine:
             self.last_iteration = self.clock()
             self._cv.notify_all()  # stop() waits for the scheduler to empty
         self.runner.release(update.finished + update.failed)
-        self._observe(output, update)
+        try:  # metrics are not worth an answer: a failing observer must not stop the answers below
+            self._observe(output, update)
+        except Exception:  # noqa: BLE001
+            log.exception("observer failed")
         self._emit(output, update)
         self._tail_s = self.clock() - tail_started
         return not plan.empty

@@ -54,7 +54,7 @@ class MetricsObserver(Observer):
         self._queue = queue.Metric(labels={})
         self._batch = batch.Metric(labels={}, buckets=BATCH_BUCKETS)
         self._stage = {name: stage.Metric(labels={"stage": name}, buckets=SECONDS_BUCKETS)
-                       for name in ("queue", "encode", "unet", "controlnet", "decode", "total")}
+                       for name in ("queue", "encode", "unet", "controlnet", "decode", "gate", "total")}
         self._outcomes = {status: self._requests.Metric(labels={"outcome": status.value})
                           for status in (Status.FINISHED, Status.FAILED, Status.CANCELLED, Status.REJECTED)}
         # (slo_class, met) -> counter, made on first use; requests without a class are always there.

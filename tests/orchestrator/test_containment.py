@@ -4,7 +4,7 @@ gets exactly one final answer with a clear code, its neighbours go on, and the l
 import numpy as np
 import pytest
 
-from triffusion.orchestrator.engine import MAX_LOOP_FAILURES, Engine, PipelineSpec, make_engine
+from triffusion.orchestrator.engine import MAX_LOOP_FAILURES, Engine, Observer, PipelineSpec, make_engine
 from triffusion.orchestrator.errors import Code, ComponentUnavailable, QueueFull, ServingError
 from triffusion.orchestrator.params import SCHEDULERS
 from triffusion.orchestrator.policies import EDF
@@ -125,6 +125,22 @@ def test_a_sink_that_raises_cancels_its_request_and_the_loop_goes_on():
     drain(engine)
     assert one_final(broken)[:2] == ("fail", Code.CANCELLED) and broken.steps_done == 2
     assert one_final(fine)[0] == "finish"
+
+
+class RaisingObserver(Observer):
+    def stage(self, stage, seconds):
+        raise KeyError(stage)
+
+
+def test_an_observer_that_raises_loses_no_answer():
+    """Metrics come after the scheduler's update: an observer that raises there must not drop the answers."""
+    engine = make_engine(FakeExecutor(), SPEC, observer=RaisingObserver())
+    states = [make_state(i, steps=3) for i in range(3)]
+    for state in states:
+        engine.submit(state)
+    drain(engine)
+    assert [one_final(s)[0] for s in states] == ["finish"] * 3
+    assert engine.broken is None
 
 
 class GateDown(FakeExecutor):
