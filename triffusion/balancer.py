@@ -240,6 +240,7 @@ class Replica:
 
     def start(self) -> "Replica":
         self._ready.clear()
+        self._server_pid = None
         self.process = subprocess.Popen(self.command(), env=self.env, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
         threading.Thread(target=self._pump, args=(self.process,), daemon=True).start()
@@ -274,9 +275,16 @@ class Replica:
         except (urllib.error.URLError, ConnectionError, OSError):
             return False
 
+    def _server(self) -> int | None:
+        """tritonserver's pid (its own process group), also while the replica is still starting."""
+        if self._server_pid is None and self.process is not None:
+            self._server_pid = next(iter(procs._children(self.process.pid)), None)
+        return self._server_pid
+
     def kill(self) -> None:
         """What a lost machine does: SIGKILL to `triffusion serve` and to its tritonserver's process group (the
         stubs), no drain; their shared memory is removed afterwards, as a fresh machine would not have it."""
+        self._server()
         shm = procs.shm_regions(self._server_pid) if self._server_pid else []
         for pgid in (self.process.pid, self._server_pid):
             if pgid:
@@ -303,6 +311,7 @@ class Replica:
         """SIGTERM: `triffusion serve` drains for its grace and stops its server; SIGKILL if it hangs."""
         if self.process is None:
             return
+        self._server()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -316,7 +325,7 @@ class Replica:
                 except ProcessLookupError:
                     pass
                 self._wait_gone(pgid)
-        self.process = None
+        self.process, self._server_pid = None, None
 
 
 def _ports(text: str) -> list[Backend]:
