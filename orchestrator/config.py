@@ -50,6 +50,9 @@ class OrchestratorConfig:
     controller_gpus: int = 1
     # Features, on in service; the SLO benchmark turns one off at a time to measure what each adds.
     admission: str = "on"  # SLO admission control (reject what cannot meet its SLO, degrade steps to meet it)
+    # Admission plans every request to finish this fraction of its SLO early: the forecast's spread (a
+    # noisy neighbour, a slow gate call) lands in the slack instead of past the deadline.
+    admission_headroom: float = 0.2
     auto_steps: str = "on"  # step_mode auto: the entropy stop and the SLO class's quality floor
     cascade_routing: str = "on"  # unet=cascade starts on the light model; off: the heavy model answers
     # Many devices in one orchestrator: an engine per device (cuda -> cuda:0..devices-1; cpu: stand-ins), each
@@ -70,6 +73,9 @@ class OrchestratorConfig:
         for name in ("halo", "max_decode_batch", "max_encode_rows"):
             if getattr(self, name) < 0:
                 raise ValueError(f"orchestrator parameter {name}: {getattr(self, name)} is out of range; allowed >= 0")
+        if not 0 <= self.admission_headroom < 1:
+            raise ValueError(f"orchestrator parameter admission_headroom: {self.admission_headroom} is out of range; "
+                             "allowed 0 <= x < 1")
         for name in ("component_timeout_s", "best_effort_s", "controller_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"orchestrator parameter {name}: {getattr(self, name)} is out of range; allowed > 0")
@@ -171,7 +177,8 @@ def build_scheduler(config: OrchestratorConfig, *, profile: dict | None = None, 
                          cascade=cascade, threshold=threshold, controller=controller,
                          entropy={name: dict(entropy or {}) for name in models},
                          step_profiles={m: StepProfile.from_dict(p) for m, p in (step_quality or {}).items()},
-                         admission=config.admission == "on", auto_steps=config.auto_steps == "on",
+                         admission=config.admission == "on", headroom=config.admission_headroom,
+                         auto_steps=config.auto_steps == "on",
                          cascade_routing=config.cascade_routing == "on")
 
 

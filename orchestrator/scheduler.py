@@ -95,7 +95,7 @@ class StepScheduler:
                  max_patch_rows: int | None = None, cascade: Cascade | None = None, threshold: float = 0.5,
                  controller: LoadController | None = None, entropy: dict[str, dict] | None = None,
                  step_profiles: dict | None = None, admission: bool = True, auto_steps: bool = True,
-                 cascade_routing: bool = True):
+                 cascade_routing: bool = True, headroom: float = 0.0):
         if hybrid not in ("bucket", "patch", "auto"):
             raise ValueError(f"unknown hybrid mode '{hybrid}'; choose one of: bucket, patch, auto")
         if hybrid != "bucket" and patch_grid is None:
@@ -114,6 +114,7 @@ class StepScheduler:
         self.step_profiles = step_profiles or {}  # model -> StepProfile (quality and time against steps)
         # Feature switches (on in service; the SLO benchmark's ablations turn one off at a time):
         self.admission = admission  # SLO admission control and degradation to meet an SLO
+        self.headroom = headroom  # admission plans each request to finish this fraction of its SLO early
         self.auto_steps = auto_steps  # step_mode auto: entropy stop and the quality floor's step choice
         self.cascade_routing = cascade_routing  # cascade requests start light; off: they run on the heavy model
         self.waiting: list[RequestState] = []
@@ -188,14 +189,14 @@ class StepScheduler:
             return finish[state], victims[0] if victims else None
 
         finish, victim = verdict(params.steps)
-        if finish <= state.deadline and victim is None:
+        if finish <= self._due(state) and victim is None:
             self._admitted(state, now, params.steps, finish)
             return
         low, high, best = floor, params.steps - 1, None  # finish time and harm fall with fewer steps
         while low <= high:
             mid = (low + high) // 2
             finish_mid, victim_mid = verdict(mid)
-            if finish_mid <= state.deadline and victim_mid is None:
+            if finish_mid <= self._due(state) and victim_mid is None:
                 best, low = mid, mid + 1
             else:
                 high = mid - 1
@@ -215,16 +216,19 @@ class StepScheduler:
         state.predicted_finish, state.forecast_at = finish, now
         state.forecast_s = self.forecast(now, state, steps)[state] - now
 
-    @staticmethod
-    def _harmed(state: RequestState, finish: float, before: dict) -> bool:
+    def _due(self, state: RequestState) -> float:
+        """When admission plans `state` to be done: its deadline less the headroom."""
+        return state.deadline - self.headroom * (state.params.slo_ms or 0) / 1000.0
+
+    def _harmed(self, state: RequestState, finish: float, before: dict) -> bool:
         """Whether new work that moves `state`'s forecast finish from before[state] to `finish` harms it: it ends
         past its deadline and later than it would have. One already forecast late is protected too, from more
         than a sliver (2% of its SLO: a batch neighbour's slowdown): if work could overtake it once it looked
         late, it would starve behind every later, tighter arrival."""
-        if state.deadline is None or finish <= state.deadline:
+        if state.deadline is None or finish <= self._due(state):
             return False
         previous = before.get(state)
-        if previous is None or previous <= state.deadline:
+        if previous is None or previous <= self._due(state):
             return True
         return finish - previous > 0.02 * (state.params.slo_ms or 0) / 1000.0
 
@@ -464,7 +468,7 @@ class StepScheduler:
             after = self.finish_times(now)
         finally:
             state.model, state.steps_done, state.steps_target = saved
-        if state.deadline is not None and after[state] > state.deadline:
+        if state.deadline is not None and after[state] > self._due(state):
             return False
         return not any(s is not state and self._harmed(s, t, before) for s, t in after.items())
 
