@@ -230,7 +230,7 @@ def parse_params(raw: Mapping[str, Any], limits: Limits, count_tokens=None) -> G
     controlnet, controlnet_scale, control_image = _control(raw, limits, unet, size["height"], size["width"])
 
     # 6. LoRA adapters: registered names with scales, at most max_lora of them.
-    lora = _lora(raw.get("lora"), limits, unet)
+    lora = _lora(raw.get("lora"), limits, unet, controlnet)
 
     return GenerationParams(prompt=prompt, negative_prompt=negative, steps=steps,
                             guidance_scale=guidance, seed=seed, scheduler=scheduler,
@@ -278,7 +278,7 @@ def _control(raw: Mapping[str, Any], limits: Limits, unet: str, height: int, wid
     return controlnet, scale, np.ascontiguousarray(image)
 
 
-def _lora(value, limits: Limits, unet: str) -> tuple:
+def _lora(value, limits: Limits, unet: str, controlnet: str | None = None) -> tuple:
     """`lora`: "name:scale,name2:scale" (a bare name means scale 1), or the parsed pairs the orchestrator gets
     from a front; registered names only, each once, at most max_lora, scales in range."""
     if value is None or value == "" or value == b"" or (isinstance(value, (list, tuple)) and not value):
@@ -299,6 +299,8 @@ def _lora(value, limits: Limits, unet: str) -> tuple:
         raise InvalidRequest("lora", f"names {len(pairs)} adapters; {form}")
     if unet != "default":
         raise InvalidRequest("lora", f"applies to unet 'default' only; the request asks for unet '{unet}'")
+    if controlnet is not None:  # the controlled UNet has no adapter slots (yet)
+        raise InvalidRequest("lora", "is not served together with controlnet; send one or the other")
     out, seen = [], set()
     for name, scale in pairs:
         if not isinstance(name, str) or not name:

@@ -256,3 +256,10 @@ def test_registry_lora_section_is_checked(lora, message):
     ok = parse_registry({"families": {"t": {"variants": {"h": {"preset": "tiny"}},
                                             "lora": {"max_per_request": 2, "adapters": {"a": "a.safetensors"}}}}})
     assert ok.families["t"].lora["adapters"] == {"a": "a.safetensors"}
+
+
+def test_lora_with_a_controlnet_is_refused_by_name():
+    limits = Limits(adapters=("a",), max_lora=1, controlnets=("canny",))
+    image = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(InvalidRequest, match="lora: is not served together with controlnet"):
+        parse_params({"prompt": "x", "lora": "a:1", "controlnet": "canny", "control_image": image}, limits)
