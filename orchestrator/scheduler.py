@@ -222,15 +222,18 @@ class StepScheduler:
 
     def _harmed(self, state: RequestState, finish: float, before: dict) -> bool:
         """Whether new work that moves `state`'s forecast finish from before[state] to `finish` harms it: it ends
-        past its deadline and later than it would have. One already forecast late is protected too, from more
-        than a sliver (2% of its SLO: a batch neighbour's slowdown): if work could overtake it once it looked
-        late, it would starve behind every later, tighter arrival."""
+        past its planned finish (deadline less headroom) where it did not before. One already past it is
+        protected too: new work may use the rest of its slack, but not push it past its deadline by more than
+        a sliver (2% of its SLO: a batch neighbour's slowdown); if work could overtake it once it looked late,
+        it would starve behind every later, tighter arrival."""
         if state.deadline is None or finish <= self._due(state):
             return False
         previous = before.get(state)
         if previous is None or previous <= self._due(state):
             return True
-        return finish - previous > 0.02 * (state.params.slo_ms or 0) / 1000.0
+        # Already past its planned finish: new work may use what is left of its slack, not push it past its
+        # deadline by more than the sliver.
+        return finish > state.deadline and finish - max(previous, state.deadline) > 0.02 * (state.params.slo_ms or 0) / 1000.0
 
     def cancel(self, request_id: str) -> bool:
         """The client went away: the request leaves at the next step boundary. False if unknown."""
