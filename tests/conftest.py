@@ -43,8 +43,10 @@ def server(tiny_repository):
     ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
     with TritonServer(tiny_repository, **ports) as srv:
         srv.wait_ready(timeout_s=180)
-        yield Urls(http=f"localhost:{ports['http_port']}", grpc=f"localhost:{ports['grpc_port']}",
-                   metrics=f"http://localhost:{ports['metrics_port']}/metrics")
+        urls = Urls(http=f"localhost:{ports['http_port']}", grpc=f"localhost:{ports['grpc_port']}",
+                    metrics=f"http://localhost:{ports['metrics_port']}/metrics")
+        urls.triton = srv  # the TritonServer (its process and supervisor): tests/deploy reloads a stub
+        yield urls
 
 
 class Urls:
