@@ -68,6 +68,10 @@ def load_json(path, what: str):
 
 
 # ---- latency model ----------------------------------------------------------------------------
+# Timed stages a profile may carry (server-learned profiles add the gate and ControlNet to encode and decode).
+STAGES = ("encode", "decode", "gate", "controlnet")
+
+
 def check_profile(profile) -> None:
     """A profile in LatencyPredictor.seed's format with every entry well formed; errors name the entry."""
     if not isinstance(profile, dict):
@@ -84,9 +88,9 @@ def check_profile(profile) -> None:
     if not isinstance(stages, list):
         raise ValueError("profile.stages: missing; expected [[stage, size, seconds], ...]")
     for i, row in enumerate(stages):
-        if not (isinstance(row, list) and len(row) == 3 and row[0] in ("encode", "decode")
+        if not (isinstance(row, list) and len(row) == 3 and row[0] in STAGES
                 and _is_int(row[1]) and row[1] > 0 and _is_num(row[2]) and row[2] >= 0):
-            raise ValueError(f"profile.stages[{i}]: {row!r} is not [stage ('encode' or 'decode'), size, seconds]")
+            raise ValueError(f"profile.stages[{i}]: {row!r} is not [stage ({', '.join(STAGES)}), size, seconds]")
     for stage in ("encode", "decode"):
         if not any(row[0] == stage for row in stages):
             raise ValueError(f"profile.stages: no '{stage}' entry; without one its time would be a guess")
@@ -124,6 +128,10 @@ class LatencyModel:
     def decode(self, pixels: int) -> float:
         """One VAE call over `pixels` image pixels (batch x height x width)."""
         return self._predictor.decode(pixels)
+
+    def gate(self, images: int) -> float:
+        """One quality-gate call scoring `images` light answers (free where the profile has no gate)."""
+        return self._predictor.gate(images)
 
     def noise_stream(self) -> Callable[[float], float] | None:
         """A fresh seeded stream, seconds -> seconds x a log-normal factor of mean 1; None without noise.
@@ -511,6 +519,8 @@ class SimulatedRunner:
             for i in range(0, len(group), cap):
                 pixels = len(group[i:i + cap]) * h * w
                 calls.append(("decode", pixels, latency.decode(pixels)))
+        if plan.gate:
+            calls.append(("gate", len(plan.gate), latency.gate(len(plan.gate))))
         for batch in plan.denoise:
             model, h, w = batch[0].bucket
             rows = sum(s.unet_rows for s in batch)

@@ -179,6 +179,67 @@ def test_admission_protects_admitted_requests_that_still_wait():
         scheduler.add(urgent, now=0.0)
 
 
+def test_a_request_already_forecast_late_is_not_overtaken():
+    """Once a request looks late, tighter newcomers that EDF would run ahead of it are refused (else it starves
+    behind every one of them); newcomers that queue behind it are still admitted."""
+    scheduler = StepScheduler(max_active=1, predictor=exact_predictor(), policy=create_policy("edf"))
+    scheduler.add(make_slo_state(1, 100_000), now=0.0)
+    stuck = make_slo_state(2, 100_000)
+    scheduler.add(stuck, now=0.0)
+    stuck.params.slo_ms = 2000  # its forecast (2.6875 s) is now past its deadline
+    with pytest.raises(Rejected, match="would make request r2 miss its SLO"):
+        scheduler.add(make_slo_state(3, 1500), now=0.0)
+    scheduler.add(make_slo_state(4, 100_000), now=0.0)
+
+
+def test_admission_headroom_plans_each_request_to_finish_early():
+    # Alone: 1.4375 s (above). With 20% headroom it must fit in 80% of the SLO: slo_ms >= 1796.875.
+    StepScheduler(max_active=4, predictor=exact_predictor(), headroom=0.2).add(make_slo_state(1, 1797), now=0.0)
+    with pytest.raises(Rejected, match="slo_ms 1796 cannot be met"):
+        StepScheduler(max_active=4, predictor=exact_predictor(), headroom=0.2).add(make_slo_state(2, 1796), now=0.0)
+
+
+def test_the_forecast_times_side_stages_that_hold_the_loop():
+    """A finished request's decode runs during the next iteration, which lasts as long as the longer of the two."""
+    predictor = LatencyPredictor()
+    predictor.seed({"unet": [["unet", 64, 64, rows, 0.125 * rows / 2] for rows in range(1, 17)],
+                    "stages": [["encode", 2, 0.0625], ["decode", 64 * 64, 0.5]]})
+    scheduler = StepScheduler(max_active=1, predictor=predictor)
+    first, second = make_slo_state(1, 100_000), make_slo_state(2, 100_000)
+    scheduler.add(first, now=0.0)
+    scheduler.add(second, now=0.0)
+    finish = scheduler.forecast(0.0)
+    # first: 11 iterations of 0.125 s, then its 0.5 s decode.
+    assert finish[first] == 11 * 0.125 + 0.5
+    # second joins when first leaves; its first iteration waits for first's decode and its own encode
+    # (0.5625 s instead of 0.125), then 10 more iterations and its decode.
+    assert finish[second] == 11 * 0.125 + (0.5 + 0.0625) + 10 * 0.125 + 0.5
+
+
+def test_the_forecast_bias_learns_per_level_and_only_from_long_forecasts():
+    scheduler = StepScheduler(max_active=4, predictor=exact_predictor())
+    slow = make_slo_state(1, 2000)  # forecast 1.4375 s: at least a quarter of its SLO
+    scheduler.add(slow, now=0.0)
+    assert slow.forecast_s == 1.4375
+    scheduler.observe_finish(slow, now=2 * 1.4375)  # it took twice the forecast
+    scheduler.waiting.remove(slow)
+    assert scheduler.forecast_bias == {"priority 0": pytest.approx(1.2)}  # EWMA, alpha 0.2
+    short = make_slo_state(2, 100_000)  # 1.4375 s of a 100 s SLO: fixed costs, not a scale
+    scheduler.add(short, now=0.0)
+    scheduler.observe_finish(short, now=10.0)
+    assert scheduler.forecast_bias == {"priority 0": pytest.approx(1.2)}
+    # Admission scales the level's forecasts by it: alone, 1.4375 x 1.2 = 1.725 s.
+    learned = scheduler.forecast_bias
+    fits, late = (StepScheduler(max_active=4, predictor=exact_predictor()) for _ in range(2))
+    fits.forecast_bias, late.forecast_bias = dict(learned), dict(learned)
+    fits.add(make_slo_state(3, 1726), now=0.0)
+    with pytest.raises(Rejected, match="slo_ms 1724 cannot be met"):
+        late.add(make_slo_state(4, 1724), now=0.0)
+    other = make_slo_state(5, 1500)
+    other.params.priority = 3  # another level: no bias learned for it yet
+    late.add(other, now=0.0)
+
+
 def test_srpt_orders_by_remaining_work_and_fcfs_by_arrival():
     scheduler = StepScheduler(max_active=1, policy=create_policy("srpt"))
     long, short = make_state(1, steps=50), make_state(2, steps=3)
