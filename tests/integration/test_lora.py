@@ -134,10 +134,13 @@ def test_http_and_cli_field_and_cache_metrics(lora_server, tmp_path):
 def test_more_adapters_than_slots_are_evicted_and_reloaded(lora_server):
     """With fewer slots than adapters in turn, each request still gets its own adapter's image."""
     assert lora_server["slots"] == 3 < len(ADAPTERS)
-    url = lora_server["grpc"]
+    url, metrics = lora_server["grpc"], lora_server["metrics"]
+    evictions = metric(metrics, 'triffusion_adapter_cache_total{event="eviction"}')
     first = generate("a harbour at dawn", url=url, lora="inkwash:0.8", **REQUEST)
     for name in ("pixel", "neon", "sepia"):  # the three others fill the slots: inkwash, least recent, goes
         generate("a harbour at dawn", url=url, lora=f"{name}:1.0", steps=1)
     again = generate("a harbour at dawn", url=url, lora="inkwash:0.8", **REQUEST)
     assert again.metadata["lora"]["cache"] == "miss"  # it was evicted and loaded again
+    assert again.metadata["lora"]["wait_ms"] > 0
+    assert metric(metrics, 'triffusion_adapter_cache_total{event="eviction"}') >= evictions + 1
     assert image_diff(first.array, again.array) == 0
