@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 from triffusion import lora
 from triffusion.bls import Deadlines, InProcessUNetExecutor, TritonExecutor, request_scalar, send
 from triffusion.channel import ChannelClosed, Listener, socket_path
-from triffusion.orchestrator.config import OrchestratorConfig, build_engine, unets_of
+from triffusion.orchestrator.config import OrchestratorConfig, build_engines, device_names, unets_of
 from triffusion.orchestrator.errors import InvalidRequest, ServingError
 from triffusion.orchestrator.metrics import MetricsObserver
 from triffusion.orchestrator.params import parse_params
@@ -68,12 +68,16 @@ class TritonPythonModel:
         self.observer = observer = MetricsObserver(kinds, kinds.COUNTER, kinds.GAUGE, kinds.HISTOGRAM)
         self.deadlines = Deadlines(self.config.component_timeout_s)
         repository = Path(args["model_repository"]).parent
-        executor = self._executor(repository, pipeline)
+        # One engine per device (`devices`; one: the single-engine path), each request placed by load.
+        executors = [self._executor(repository, pipeline, device) for device in device_names(self.config)]
         self.adapters = None  # LoRA: adapters in static slots of an in-process UNet (triffusion.lora)
         if pipeline.get("lora"):
-            executor, self.adapters = lora.serve(pipeline, repository, executor, observer=observer,
+            if len(executors) > 1:
+                raise ValueError("orchestrator parameter devices: LoRA adapters are served on one device; set 1")
+            executor, self.adapters = lora.serve(pipeline, repository, executors[0], observer=observer,
                                                  device=self.config.device)
-        self.engine, self.limits = build_engine(self.config, pipeline, executor, profile=profile, observer=observer)
+            executors = [executor]
+        self.engine, self.limits = build_engines(self.config, pipeline, executors, profile=profile, observer=observer)
         self._submit = self.engine.submit
         if self.adapters is not None:  # requests wait for their adapters before they reach the engine
             self.adapters.connect(self.engine.submit)
@@ -81,13 +85,13 @@ class TritonPythonModel:
         self.engine.start()
         self.listener = Listener(socket_path(os.getppid()), self._serve_front)
 
-    def _executor(self, repository, pipeline):
-        """`unet_executor`: "bls" (UNet is its own Triton model) or "inprocess" (UNet runs here)."""
+    def _executor(self, repository, pipeline, device):
+        """`unet_executor`: "bls" (UNet is its own Triton model) or "inprocess" (UNet runs here, on `device`)."""
         if self.config.unet_executor == "bls":
             return TritonExecutor(self.deadlines)
         graphs = pipeline.get("graphs", {})
         load = lambda name: create_runtime(self.config.runtime, repository / pipeline["artifacts"][name],
-                                           device=self.config.device, graph_shapes=graphs.get(name, ""))
+                                           device=device, graph_shapes=graphs.get(name, ""))
         control = pipeline.get("control") or {}  # ControlNets and the controlled UNet run here too
         unets = {name: load(name) for name in [*self.unets.values(), *([control["unet"]] if control else [])]}
         controlnets = {name: load(name) for name in control.get("controlnets", {}).values()}
