@@ -18,7 +18,7 @@ from .onnx_export import file_sha256
 
 ARTIFACT = f"{contract.UNET}/1/lora_base"  # the UNet for the torch runtime (the in-process adapter UNet)
 ADAPTERS_DIR = f"{contract.ORCHESTRATOR}/1/adapters"
-DEFAULTS = {"max_per_request": 3, "max_rank": 16, "cache_mib": 64}
+DEFAULTS = {"max_per_request": 3, "max_rank": 16, "cache_mib": 64, "convs": False}
 MAX_SLOTS = 64
 
 
@@ -30,7 +30,7 @@ def enable(out: Path, info: dict, unet, settings: dict, log=print) -> None:
     if (out / ARTIFACT).exists():
         shutil.rmtree(out / ARTIFACT)
     save_torch_artifact(contract.UNET, unet, out / ARTIFACT)
-    per_slot = lora.slot_bytes(unet, settings["max_rank"])
+    per_slot = lora.slot_bytes(unet, settings["max_rank"], convs=bool(settings["convs"]))
     slots = lora.slots_for(settings["cache_mib"], per_slot, MAX_SLOTS)
     if slots < settings["max_per_request"]:
         raise ValueError(f"lora.cache_mib {settings['cache_mib']}: {slots} slot(s) of {per_slot / 2**20:.2f} MiB "
@@ -59,7 +59,7 @@ def register(out: Path, info: dict, name: str, path: Path, unet=None, force: boo
 
         unet = components.UNet.load_pretrained(out / section["artifact"])
     try:
-        adapter = lora.load_adapter(name, path, unet)
+        adapter = lora.load_adapter(name, path, unet, convs=bool(section.get("convs", False)))
     except lora.AdapterError as exc:
         raise ValueError(f"{path.name}: {exc}") from None
     if adapter.rank > section["max_rank"]:
@@ -116,6 +116,7 @@ def make_lora(repo: Path, out: Path, rank: int = 4, seed: int = 0, fmt: str = "d
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out}: write a .safetensors file")
-    save_file(lora.random_state_dict(unet, rank=rank, seed=seed, fmt=fmt, std=std), str(out))
+    save_file(lora.random_state_dict(unet, rank=rank, seed=seed, fmt=fmt, std=std,
+                                     convs=bool(info["lora"].get("convs", False))), str(out))
     log(f"{out}: {fmt} LoRA, rank {rank}, seed {seed}")
     return out

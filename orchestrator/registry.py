@@ -103,10 +103,12 @@ ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # no ':' or ','
 
 
 def _lora(section, path: str) -> dict:
-    """`lora: {max_per_request: 3, max_rank: 16, cache_mib: 64, adapters: {name: file.safetensors}}`."""
+    """`lora: {max_per_request: 3, max_rank: 16, cache_mib: 64, convs: false, adapters: {name: file.safetensors}}`."""
     if not isinstance(section, dict):
         raise RegistryError(f"{path}: expected a mapping with {', '.join(LORA_KEYS)}, adapters")
-    _only(section, set(LORA_KEYS) | {"adapters"}, path)
+    _only(section, set(LORA_KEYS) | {"adapters", "convs"}, path)
+    if not isinstance(section.get("convs", False), bool):
+        raise RegistryError(f"{path}.convs: expected true or false (true: LoCon, the convolutions carry adapters too)")
     for key, (low, high) in LORA_KEYS.items():
         if key in section:
             value = _require(section, key, int, path)

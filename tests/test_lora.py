@@ -84,3 +84,33 @@ def test_bad_files_are_refused_by_name(unet, tmp_path):
     save_file(sd, tmp_path / "shape.safetensors")
     with pytest.raises(lora.AdapterError, match="do not fit"):
         lora.load_adapter("x", tmp_path / "shape.safetensors", unet)
+
+
+def test_locon_convolutions_per_row_equal_their_merged_unets(unet, tmp_path):
+    """With convs (LoCon), the resnets' 3x3 and strided convolutions and time projections carry adapters too:
+    kohya files convert through diffusers, and each row still equals its merged UNet."""
+    save_file(lora.random_state_dict(unet, rank=4, seed=7, fmt="kohya", std=0.1, alpha=4.0, convs=True),
+              tmp_path / "locon.safetensors")
+    locon = lora.load_adapter("locon", tmp_path / "locon.safetensors", unet, convs=True)
+    targets = lora.lora_targets(unet, convs=True)
+    assert set(locon.layers) == set(targets)
+    assert any(m.kernel_size == (3, 3) and m.stride == (2, 2) for m in targets.values()
+               if isinstance(m, torch.nn.Conv2d))  # a downsampler is among them
+    plain_adapter = adapter(unet, 1)
+    served = copy.deepcopy(unet)
+    runtime, bank = lora.lora_runtime_from_module(served, slots=2, max_rank=4, per_request=1, convs=True)
+    bank.install(1, locon)
+    bank.install(2, plain_adapter)
+    sample, t, ehs = inputs(3)
+    out = runtime.run({"sample": sample, "timestep": t, "encoder_hidden_states": ehs,
+                       "adapter_slots": torch.tensor([[1], [0], [2]]),
+                       "adapter_scales": torch.tensor([[0.7], [0.0], [1.0]])})["noise_pred"]
+    for row, mix in enumerate([(locon, 0.7), None, (plain_adapter, 1.0)]):
+        merged = copy.deepcopy(unet)
+        if mix:
+            lora.merge(merged, *mix)
+        with torch.no_grad():
+            expected = merged(sample[row:row + 1], t[row:row + 1], ehs[row:row + 1]).sample[0]
+        assert torch.allclose(out[row], expected, atol=5e-5), row
+    with pytest.raises(lora.AdapterError, match="is not served"):  # without convs the same file is refused
+        lora.load_adapter("locon", tmp_path / "locon.safetensors", unet)

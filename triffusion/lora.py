@@ -8,8 +8,9 @@ Files: safetensors only (never pickle), in the diffusers/PEFT layout (`unet.<mod
 `lora_B.weight`, optional `<module>.alpha`) or kohya's (`lora_unet_<module>.lora_down.weight`,
 `lora_up.weight`, `.alpha`), which diffusers' own converters map. Served targets: the linears of the
 attention and feed-forward blocks and the transformer projections (1x1 convolutions in SD1.x), which is
-what these formats carry for SD1.x UNets; text-encoder parts of a file are not applied (counted), and
-other layers (LoCon's kxk convolutions) are refused by name."""
+what these formats carry for SD1.x UNets; with `convs` (LoCon) every convolution and linear of the UNet's
+blocks too (a kxk or strided convolution's down factor runs as one grouped convolution over the rows).
+Text-encoder parts of a file are not applied (counted); layers that are not served are refused by name."""
 
 from __future__ import annotations
 
@@ -45,10 +46,18 @@ class Adapter:
 
 
 # ---- targets ---------------------------------------------------------------------------------------
-def lora_targets(unet) -> dict[str, torch.nn.Module]:
-    """Served target layers: every Linear and 1x1 Conv2d inside the UNet's transformer blocks."""
+def lora_targets(unet, convs: bool = False) -> dict[str, torch.nn.Module]:
+    """Served target layers: every Linear and 1x1 Conv2d inside the UNet's transformer blocks; with `convs`
+    (LoCon), every Linear and Conv2d of the UNet's blocks too (resnet convolutions, time projections, up- and
+    down-samplers, conv_in/conv_out)."""
     targets = {}
     for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Conv2d) and module.groups != 1:
+            continue
+        if convs and name != "" and not name.startswith(("time_embedding", "add_embedding")):
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                targets[name] = module
+            continue
         if ".attentions." not in f".{name}":
             continue
         if isinstance(module, torch.nn.Linear) or (isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1)):
@@ -57,9 +66,12 @@ def lora_targets(unet) -> dict[str, torch.nn.Module]:
 
 
 def _dims(module) -> tuple[int, int]:
+    """(in, out) of the low-rank factors: A is (rank, in), B (out, rank); a kxk convolution's A flattens
+    (in, k, k), as kohya's LoCon lora_down does."""
     if isinstance(module, torch.nn.Linear):
         return module.in_features, module.out_features
-    return module.in_channels, module.out_channels
+    kh, kw = module.kernel_size
+    return module.in_channels * kh * kw, module.out_channels
 
 
 # ---- files -----------------------------------------------------------------------------------------
@@ -136,9 +148,9 @@ def source_format(sd: dict) -> str:
     return "kohya" if any(k.startswith(("lora_unet_", "lora_te")) for k in sd) else "diffusers"
 
 
-def target_dims(unet) -> dict[str, tuple[int, int]]:
+def target_dims(unet, convs: bool = False) -> dict[str, tuple[int, int]]:
     """Served target -> (in, out) features (taken before `attach` wraps the targets)."""
-    return {name: _dims(module) for name, module in lora_targets(unet).items()}
+    return {name: _dims(module) for name, module in lora_targets(unet, convs).items()}
 
 
 def normalize(name: str, sd: dict[str, torch.Tensor], unet=None, *, dims: dict | None = None,
@@ -167,8 +179,8 @@ def normalize(name: str, sd: dict[str, torch.Tensor], unet=None, *, dims: dict |
     return Adapter(name, layers, fmt, ignored)
 
 
-def load_adapter(name: str, path: str | Path, unet=None, *, dims: dict | None = None) -> Adapter:
-    return normalize(name, read_state_dict(path), unet, dims=dims)
+def load_adapter(name: str, path: str | Path, unet=None, *, dims: dict | None = None, convs: bool = False) -> Adapter:
+    return normalize(name, read_state_dict(path), unet, dims=dims if dims is not None else target_dims(unet, convs))
 
 
 def save_adapter(adapter: Adapter, path: str | Path) -> Path:
@@ -185,20 +197,21 @@ def save_adapter(adapter: Adapter, path: str | Path) -> Path:
 
 
 def random_state_dict(unet, rank: int = 4, seed: int = 0, fmt: str = "diffusers", std: float = 0.05,
-                      alpha: float | None = None) -> dict[str, torch.Tensor]:
-    """A seeded adapter over every served target, in the diffusers/PEFT or kohya layout (tests, examples,
-    benchmarks: there is no model hub here)."""
+                      alpha: float | None = None, convs: bool = False) -> dict[str, torch.Tensor]:
+    """A seeded adapter over every served target (with `convs`, LoCon's: every convolution too), in the
+    diffusers/PEFT or kohya layout (tests, examples, benchmarks: there is no model hub here)."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
-    for module, layer in lora_targets(unet).items():
+    for module, layer in lora_targets(unet, convs).items():
         in_f, out_f = _dims(layer)
         down = torch.randn(rank, in_f, generator=generator) * std
         up = torch.randn(out_f, rank, generator=generator) * std
+        if isinstance(layer, torch.nn.Conv2d):  # conv factors: down (rank, in, kh, kw), up (out, rank, 1, 1)
+            down, up = down.reshape(rank, layer.in_channels, *layer.kernel_size), up[..., None, None]
         if fmt == "kohya":
             stem = "lora_unet_" + module.replace(".", "_")
-            conv = isinstance(layer, torch.nn.Conv2d)
-            tensors[f"{stem}.lora_down.weight"] = down[..., None, None] if conv else down
-            tensors[f"{stem}.lora_up.weight"] = up[..., None, None] if conv else up
+            tensors[f"{stem}.lora_down.weight"] = down
+            tensors[f"{stem}.lora_up.weight"] = up
             tensors[f"{stem}.alpha"] = torch.tensor(float(alpha if alpha is not None else rank))
         elif fmt == "diffusers":
             tensors[f"unet.{module}.lora_A.weight"] = down
@@ -214,7 +227,7 @@ def random_state_dict(unet, rank: int = 4, seed: int = 0, fmt: str = "diffusers"
 @torch.no_grad()
 def merge(unet, adapter: Adapter, scale: float) -> None:
     """W += scale * B @ A in place (a negative scale unmerges): what diffusers' fuse_lora computes."""
-    targets = lora_targets(unet)
+    targets = lora_targets(unet, convs=True)
     for module, (down, up) in adapter.layers.items():
         layer = targets[module]
         delta = (scale * (up @ down)).to(layer.weight.dtype)
@@ -261,6 +274,8 @@ def _layer_class():
             super().__init__()
             self.base = base
             self.conv = isinstance(base, torch.nn.Conv2d)
+            # a kxk (or strided) convolution: the down factor is a convolution per row (grouped over rows)
+            self.spatial = self.conv and (base.kernel_size != (1, 1) or base.stride != (1, 1))
             in_f, out_f = _dims(base)
             self.register_buffer("lora_a", torch.zeros(bank.slots + 1, bank.max_rank, in_f), persistent=False)
             self.register_buffer("lora_b", torch.zeros(bank.slots + 1, out_f, bank.max_rank), persistent=False)
@@ -273,6 +288,8 @@ def _layer_class():
                 return y
             slots, scales = ctx  # (N, K) int64, (N, K) float
             n, k = slots.shape
+            if self.spatial:
+                return y + self._spatial(x, slots, scales).to(y.dtype)
             h = x.flatten(2).transpose(1, 2) if self.conv else x.reshape(n, -1, x.shape[-1])  # (N, L, in)
             rank = self.lora_a.shape[1]
             a = self.lora_a[slots].reshape(n, k * rank, -1)  # (N, K*R, in)
@@ -283,14 +300,23 @@ def _layer_class():
             delta = delta.transpose(1, 2).reshape(y.shape) if self.conv else delta.reshape(y.shape)
             return y + delta.to(y.dtype)
 
+        def _spatial(self, x, slots, scales):
+            base, (n, k), rank = self.base, slots.shape, self.lora_a.shape[1]
+            a = self.lora_a[slots].reshape(n * k * rank, base.in_channels, *base.kernel_size)
+            z = torch.nn.functional.conv2d(x.reshape(1, -1, *x.shape[2:]).to(a.dtype), a, None, base.stride,
+                                           base.padding, base.dilation, groups=n)  # (1, N*K*R, H', W')
+            z = z.reshape(n, k * rank, *z.shape[2:]) * scales.to(a.dtype).repeat_interleave(rank, dim=1)[:, :, None, None]
+            b = self.lora_b[slots].permute(0, 2, 1, 3).reshape(n, self.lora_b.shape[1], k * rank)  # (N, out, K*R)
+            return torch.einsum("nrhw,nor->nohw", z, b)
+
     return BatchedLoRA
 
 
-def attach(unet, slots: int, max_rank: int, per_request: int) -> SlotBank:
+def attach(unet, slots: int, max_rank: int, per_request: int, convs: bool = False) -> SlotBank:
     """Wrap every served target of `unet` in place; the returned bank owns their slots."""
     bank = SlotBank(slots, max_rank, per_request)
     cls = _layer_class()
-    for module in list(lora_targets(unet)):
+    for module in list(lora_targets(unet, convs)):
         parent_name, _, child = module.rpartition(".")
         parent = unet.get_submodule(parent_name)
         wrapped = cls(getattr(parent, child), bank)
@@ -299,9 +325,9 @@ def attach(unet, slots: int, max_rank: int, per_request: int) -> SlotBank:
     return bank
 
 
-def slot_bytes(unet, max_rank: int, dtype_bytes: int = 4) -> int:
+def slot_bytes(unet, max_rank: int, dtype_bytes: int = 4, convs: bool = False) -> int:
     """Bytes one slot takes over every served target at `max_rank` (sizes the cache in MiB)."""
-    return sum(max_rank * sum(_dims(m)) * dtype_bytes for m in lora_targets(unet).values())
+    return sum(max_rank * sum(_dims(m)) * dtype_bytes for m in lora_targets(unet, convs).values())
 
 
 def _unet_class():
@@ -327,23 +353,23 @@ def _unet_class():
 
 
 def lora_runtime(folder: str | Path, slots: int, max_rank: int, per_request: int, device: str = "cpu",
-                 graph_shapes=()):
+                 graph_shapes=(), convs: bool = False):
     """(TorchRuntime, SlotBank) for a torch UNet artifact (runtime.save_torch_artifact) with `slots` adapter
     slots: inputs are the UNet's plus adapter_slots and adapter_scales (rows, per_request). CUDA graphs are
     captured over the slot buffers for the given (rows, h, w) buckets."""
     from triffusion import components
 
     return lora_runtime_from_module(components.UNet.load_pretrained(folder), slots, max_rank, per_request,
-                                    device=device, graph_shapes=graph_shapes)
+                                    device=device, graph_shapes=graph_shapes, convs=convs)
 
 
 def lora_runtime_from_module(unet, slots: int, max_rank: int, per_request: int, device: str = "cpu",
-                             graph_shapes=()):
+                             graph_shapes=(), convs: bool = False):
     """lora_runtime over a UNet already loaded (wrapped in place)."""
     from triffusion import components
     from triffusion.runtime import TorchRuntime
 
-    bank = attach(unet, slots, max_rank, per_request)
+    bank = attach(unet, slots, max_rank, per_request, convs)
     spec = components.UNet.from_model(unet)
     shapes = []
     for bucket in graph_shapes:
@@ -373,7 +399,8 @@ def serve(pipeline: dict, repository: str | Path, base_executor, *, observer=Non
     repository = Path(repository)
     runtime, bank = lora_runtime(repository / section["artifact"], section["slots"], section["max_rank"],
                                  section["max_per_request"], device=device,
-                                 graph_shapes=parse_shapes(pipeline.get("graphs", {}).get(section["unet"], "")))
+                                 graph_shapes=parse_shapes(pipeline.get("graphs", {}).get(section["unet"], "")),
+                                 convs=bool(section.get("convs", False)))
     dims = {module: (layer.lora_a.shape[2], layer.lora_b.shape[1]) for module, layer in bank.layers.items()}
     adapters = section.get("adapters", {})
 

@@ -243,7 +243,8 @@ def test_lora_on_a_server_without_adapters_or_another_unet_is_refused():
 # ---- the registry section ----------------------------------------------------------------------------
 @pytest.mark.parametrize("lora, message", [
     ({"max_per_request": 0}, "families.t.lora.max_per_request: 0 is out of range; allowed 1..8"),
-    ({"cache": 4}, "families.t.lora.cache: unknown key; allowed: adapters, cache_mib, max_per_request, max_rank"),
+    ({"cache": 4}, "families.t.lora.cache: unknown key; allowed: adapters, cache_mib, convs, max_per_request, max_rank"),
+    ({"convs": "yes"}, "families.t.lora.convs: expected true or false"),
     ({"adapters": {"a": "a.bin"}}, "families.t.lora.adapters.a: expected a .safetensors file (no pickle)"),
     ({"adapters": {"a:b": "a.safetensors"}}, "families.t.lora.adapters.a:b: an adapter name is 1..64 of letters"),
 ])
