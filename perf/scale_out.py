@@ -11,7 +11,9 @@ cluster, with and without the cascade split.
 3. Per replica count: a calibration point on the first replica (what the simulator learns the server's
    speed from), then slo_proof.sweep through the balancer's gRPC port: Poisson rates up by --step until
    attainment (met / sent) fell below 99% twice; the max load at 99% is the last rate that met it before the
-   first miss. Every point is predicted by slo_proof.Predictor spread over that many servers before it runs.
+   first miss. A coarse sweep first (short points, x2 apart) brackets the 1-replica limit and the fine one starts
+   at its last passing rate; the 2-replica sweep starts at the 1-replica limit, so both lie on one grid. Every point is
+   predicted by slo_proof.Predictor spread over that many servers (least loaded first) before it runs.
 4. Replica kill (2 replicas, at --kill-load x the 2-replica limit): replica r1 is SIGKILLed (launcher,
    tritonserver and stubs) --kill-at seconds in, and started again at once, as a service manager would.
    Each request ends as met/late/rejected/error/lost; lost (no answer within --timeout-s) are the hung
@@ -221,12 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replicas", default="1,2")
     ap.add_argument("--cores", default="0,1", help="replica i runs on core cores[i] (taskset -c)")
     ap.add_argument("--start-rate", type=float, default=1.0, help="first rate of the 1-replica sweep")
-    ap.add_argument("--step", type=float, default=1.25)
+    ap.add_argument("--step", type=float, default=1.15)
     ap.add_argument("--max-rate", type=float, default=60.0)
-    ap.add_argument("--min-requests", type=int, default=60)
-    ap.add_argument("--min-window-s", type=float, default=12.0)
+    ap.add_argument("--min-requests", type=int, default=40)
+    ap.add_argument("--min-window-s", type=float, default=10.0)
     ap.add_argument("--timeout-s", type=float, default=60.0)
-    ap.add_argument("--kill-load", type=float, default=0.5, help="kill run: this fraction of the 2-replica limit")
+    ap.add_argument("--coarse-step", type=float, default=2.0, help="first sweep: rate multiplier (0: none)")
+    ap.add_argument("--coarse-requests", type=int, default=15, help="first sweep: requests per point at least")
+    ap.add_argument("--kill-load", type=float, default=0.4, help="kill run: this fraction of the 2-replica limit")
     ap.add_argument("--kill-duration-s", type=float, default=45.0)
     ap.add_argument("--kill-at-s", type=float, default=12.0)
     ap.add_argument("--sim-gpus", default="1,2,4,8,16,32,64")
@@ -259,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                          "stubs inherit the affinity); haproxy and the load generator unpinned",
               "balancer": "haproxy (Debian), balance leastconn, option httpchk GET /v2/health/ready every 500 ms, "
                           "fall 2 rise 2",
-              "target": slo_proof.TARGET, "mix": slo_proof.MIX, "full_config": slo_proof.FULL,
+              "target": slo_proof.TARGET, "step": args.step, "min_requests": args.min_requests,
+              "min_window_s": args.min_window_s, "mix": slo_proof.MIX, "full_config": slo_proof.FULL,
               "sweeps": {}, "max_load_at_99": {}, "simulator": {"validation": {}}}
     # 2. Every replica starts once, pinned; an n-replica phase puts the first n behind a balancer of its own
     # (an idle replica waits on a condition variable: it takes no CPU from the others).
@@ -277,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{n} replica(s)")
             with Cluster(replicas[:n], key, workdir) as cluster:
                 if model is None:  # calibration on one replica, as slo_proof does, then the simulator from it
-                    calib = slo_proof.point(cluster, args.start_rate, args.seed + 1000, classes, args)
+                    calib = slo_proof.point(cluster, 1.5 * args.start_rate, args.seed + 1000, classes, args)
                     learned = cluster.control("profile")
                     learned.pop("code", None)
                     # The simulator's profile knows encode and decode; the server also learns other stages (the gate).
@@ -287,7 +292,18 @@ def main(argv: list[str] | None = None) -> int:
                     model = slo_proof.Predictor(pipeline, exported, copy.deepcopy(learned), classes)
                 model.gpus = n
                 sweep_args = copy.copy(args)
-                sweep_args.start_rate = args.start_rate * n  # the n-replica sweep starts where one scaled would
+                # The next sweep starts at the previous count's limit (which it should meet), so both sweeps lie on
+                # one grid and the ratio of their limits is a power of --step.
+                previous = [report["max_load_at_99"].get(str(c)) for c in counts if c < n]
+                sweep_args.start_rate = previous[-1] if previous and previous[-1] else args.start_rate * n
+                if not (previous and previous[-1]) and args.coarse_step:
+                    # Where the limit lies is not known yet: a coarse sweep (short points, --coarse-step apart)
+                    # brackets it, and the fine sweep starts at its last rate that met the target.
+                    coarse = copy.copy(sweep_args)
+                    coarse.step, coarse.min_requests, coarse.seed = args.coarse_step, args.coarse_requests, args.seed + 500
+                    coarse_rows, coarse_limit = slo_proof.sweep(cluster, classes, coarse)
+                    report.setdefault("coarse_sweeps", {})[str(n)] = [lean(r) for r in coarse_rows]
+                    sweep_args.start_rate = coarse_limit or sweep_args.start_rate
                 rows, limit = slo_proof.sweep(cluster, classes, sweep_args, lambda rate, seed: model(rate, seed, args))
                 report["sweeps"][str(n)] = [lean(r) for r in rows]
                 report["max_load_at_99"][str(n)] = limit

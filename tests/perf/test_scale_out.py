@@ -1,0 +1,39 @@
+"""perf.scale_out's offline parts: the prediction error per measured point, and the cluster prediction with
+and without the cascade split, on the simulator fed a small synthetic profile."""
+
+import argparse
+
+from perf import scale_out
+
+PROFILE = {"unet": [[m, s, s, r, t * (0.6 if m == "unet_lite" else 1.0) * (s / 64) ** 2 * (1 + 0.4 * r)]
+                    for m in ("unet", "unet_lite") for s in (64, 128) for r in (1, 2, 4, 8, 16) for t in (0.004,)],
+           "stages": [["encode", 1, 0.003], ["encode", 2, 0.004], ["decode", 4096, 0.004], ["decode", 16384, 0.01]]}
+OPTION = {"threshold": 0.5, "steps": 20, "escalation": 0.3, "quality": 0.6, "light_s": 0.05, "heavy_s": 0.08}
+PIPELINE = {"cascade": {"light": "unet_lite", "heavy": "unet", "threshold": 0.5, "options": [OPTION]},
+            "registry": {}, "auto_stop": {}}
+CLASSES = {"interactive": {"slo_ms": 1500, "priority": 2}, "standard": {"slo_ms": 4000, "priority": 1},
+           "batch": {"slo_ms": 20000, "priority": 0}}
+
+
+def test_errors_are_relative_to_the_measured_value_per_point():
+    rows = [{"rate": 1.0, "attainment": 1.0, "goodput_rps": 2.0, "predicted": {"attainment": 0.9, "goodput_rps": 2.5}},
+            {"rate": 2.0, "attainment": 0.0, "goodput_rps": 0.0, "predicted": {"attainment": 0.0, "goodput_rps": 0.1}},
+            {"rate": 3.0, "attainment": 0.5, "goodput_rps": 1.0}]  # no prediction: left out
+    out = scale_out.errors(rows)
+    assert [e["rate"] for e in out] == [1.0, 2.0]
+    assert out[0]["attainment"]["rel_error"] == 0.1 and out[0]["goodput_rps"]["rel_error"] == 0.25
+    assert out[1]["attainment"]["rel_error"] == 0.0 and out[1]["goodput_rps"]["rel_error"] is None
+
+
+def test_cluster_prediction_splits_heavy_gpus_off_only_where_there_are_several():
+    args = argparse.Namespace(seed=0, sim_window_s=8.0, sim_escalation=0.3, min_window_s=8.0, min_requests=0)
+    learned = {"unet": [], "stages": [], "iteration_scale": 1.0}
+    out = scale_out.cluster_prediction(PIPELINE, PROFILE, learned, CLASSES, 3.0, [1, 4], args)
+    one, four = out["1"], out["4"]
+    assert one["rate"] == 3.0 and four["rate"] == 12.0
+    assert "skipped" in one["escalation"]["split"]
+    split = four["escalation"]["split"]
+    assert split["light_gpus"] + split["heavy_gpus"] == 4 and split["heavy_gpus"] >= 1
+    for row in (one["controller"]["in_place"], four["escalation"]["in_place"], split):
+        assert 0.0 <= row["attainment"] <= 1.0 and row["goodput_rps"] >= 0.0
+    assert four["escalation"]["in_place"]["goodput_rps"] > one["escalation"]["in_place"]["goodput_rps"]
