@@ -18,6 +18,7 @@ sampling, the GIL) limits it, and how placement policies compare under a mixed w
 from __future__ import annotations
 
 import json
+import queue
 import random
 import sys
 import threading
@@ -137,13 +138,13 @@ def placement_run(policy: str, args, capacity: float, load: float) -> dict:
         arrivals.append(t)
     kinds = [(64, 20, 1500), (256, 20, 4000)]
     sinks, deadlines = [], []
-    all_done = threading.Semaphore(0)
+    answers: queue.Queue = queue.Queue()
     start = time.monotonic()
     rejected: dict[str, int] = {}
     for i, at in enumerate(arrivals):
         size, steps, slo = kinds[0] if rng.random() < 0.7 else kinds[1]
         time.sleep(max(0.0, start + at - time.monotonic()))  # the arrival schedule
-        sink = Sink(lambda s: all_done.release())
+        sink = Sink(answers.put)
         try:
             g.submit(state(i, size, steps, slo, sink))
         except ServingError as exc:
@@ -153,7 +154,7 @@ def placement_run(policy: str, args, capacity: float, load: float) -> dict:
         sinks.append(sink)
         deadlines.append(time.monotonic() + slo / 1000)
     for _ in sinks:
-        all_done.acquire(timeout=120)
+        answers.get(timeout=120)
     g.stop(grace_s=0)
     met = sum(1 for s, d in zip(sinks, deadlines) if s.outcome == "finish" and s.finished <= d)
     late = sum(1 for s, d in zip(sinks, deadlines) if s.outcome == "finish" and s.finished > d)
