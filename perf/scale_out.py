@@ -308,10 +308,12 @@ def main(argv: list[str] | None = None) -> int:
                 report["sweeps"][str(n)] = [lean(r) for r in rows]
                 report["max_load_at_99"][str(n)] = limit
                 report["simulator"]["validation"][str(n)] = errors(rows)
+                write_json(args.out, {**report, "partial": True})  # what is measured survives an interruption
                 if n == max(counts) and n >= 2:
                     rate = round(args.kill_load * (limit or args.start_rate * n), 3)
                     log(f"replica kill at {rate}/s")
                     report["replica_kill"] = replica_kill(cluster, rate, classes, args)
+                    write_json(args.out, {**report, "partial": True})
                     log(f"replica kill: {report['replica_kill']}")
     finally:
         for replica in replicas:
