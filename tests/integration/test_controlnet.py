@@ -6,6 +6,7 @@ each matching its solo run, and bad control input refused by name without touchi
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ from perf.addons_controlnet import (CONTROLNET, FAMILY, TOLERANCE_MAX, TOLERANCE
                                     diffusers_folder, reference_image)
 from triffusion import contract
 from triffusion.client import GenerationError, generate, start_stream_generation
+from triffusion.export.repository import write_repository
 from triffusion.server import TritonServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,3 +156,26 @@ def test_cli_generates_with_a_control_image(control_server, tmp_path):
     assert metadata["controlnet"] == {"name": "canny", "model": "controlnet_canny", "scale": 0.8}
     direct = generate("a lighthouse on a cliff", url=control_server["grpc"], **CONTROL)
     assert np.array_equal(np.asarray(Image.open(out)), direct.array)
+
+
+def test_controlnet_in_the_orchestrator_process_gives_the_bls_images(control_server, tmp_path):
+    """unet_executor inprocess (the GPU set-up): the controlled UNet and the ControlNets load in the orchestrator
+    and run there; images equal those over BLS, a control and a plain request together."""
+    repo = tmp_path / "model_repository"
+    shutil.copytree(control_server["repo"], repo)
+    pipeline = json.loads((repo / "orchestrator/1/pipeline.json").read_text())
+    write_repository(repo, pipeline, orchestrator={"unet_executor": "inprocess"})
+    plain = {"seed": 5, "steps": 8}
+    over_bls = [generate("a lighthouse on a cliff", url=control_server["grpc"], **CONTROL),
+                generate("a red bicycle", url=control_server["grpc"], **plain)]
+    with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) as server:
+        server.wait_ready(180)
+        url = server.urls["grpc"]
+        started = threading.Event()
+        handle = start_stream_generation("a red bicycle", url=url, on_progress=lambda step, steps: started.set(),
+                                         **plain)
+        assert started.wait(120)
+        in_process = [generate("a lighthouse on a cliff", url=url, **CONTROL), handle.result(timeout=120)]
+    for a, b in zip(in_process, over_bls):
+        assert diff(a.array, b.array)[0] <= TOLERANCE_MAX
+    assert in_process[0].metadata["controlnet"]["model"] == "controlnet_canny"
