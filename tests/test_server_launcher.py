@@ -71,6 +71,38 @@ def test_model_that_fails_to_load_is_named(tmp_path):
             server.wait_ready(120)
 
 
+def test_a_server_killed_by_a_signal_while_loading_is_started_once_more(tmp_path):
+    """Triton 2.51 sometimes aborts while loading (a python-backend shared-memory lock_exception): the launcher
+    starts it once more. The model's first initialize aborts the server, as that crash does."""
+    marker = tmp_path / "aborted-once"
+    crash_once = textwrap.dedent(f'''
+        import os, signal
+        from pathlib import Path
+        import triton_python_backend_utils as pb_utils
+
+        class TritonPythonModel:
+            def initialize(self, args):
+                marker = Path({str(marker)!r})
+                if not marker.exists():
+                    marker.touch()
+                    os.kill(os.getppid(), signal.SIGABRT)  # the stub's parent: tritonserver
+
+            def execute(self, requests):
+                return [pb_utils.InferenceResponse([pb_utils.Tensor(
+                    "y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy() + 1)]) for r in requests]
+    ''')
+    repo = tmp_path / "repo"
+    make_repo(repo, "add_one", crash_once)
+    import tritonclient.http as httpclient
+
+    with TritonServer(repo, **ports()) as server:
+        server.wait_ready(120)
+        x = httpclient.InferInput("x", [1], "INT32")
+        x.set_data_from_numpy(np.array([1], np.int32))
+        assert httpclient.InferenceServerClient(server.urls["http"]).infer("add_one", [x]).as_numpy("y")[0] == 2
+    assert marker.exists()
+
+
 def test_missing_repository_says_what_to_run(tmp_path):
     with pytest.raises(ServerError, match="triffusion.export build"):
         TritonServer(tmp_path / "nope", **ports()).start()

@@ -222,9 +222,21 @@ class TritonServer:
     def _wait_ready(self, timeout_s: float) -> float:
         url = f"http://{self.internal_http}/v2/health/ready"
         deadline = time.monotonic() + timeout_s
+        relaunches = 1
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 failed = [l.strip() for l in self._log_tail if "failed to load" in l or "UNAVAILABLE" in l]
+                if self.process.returncode < 0 and not failed and relaunches:
+                    # Killed by a signal while loading, with every model fine so far: 2.51 aborts now and then
+                    # on a python-backend shared-memory lock (boost::interprocess::lock_exception) when the
+                    # machine is loaded. One fresh start, with the same ports and key.
+                    relaunches -= 1
+                    log.warning("tritonserver died (signal %d) while loading; starting it again",
+                                -self.process.returncode)
+                    self._terminate()
+                    self._launch()
+                    deadline = time.monotonic() + timeout_s
+                    continue
                 raise ServerError(f"tritonserver exited with code {self.process.returncode} before it was ready:\n"
                                   + ("\n".join(failed) if failed else self.log_tail()))
             try:
