@@ -155,12 +155,16 @@ def burst_arrivals(capacity_rps: float, factor: float, duration_s: float, seed: 
 # ------------------------------------------------------------------------------------------------ sending
 
 
-def _infer_inputs(request: dict) -> list:
+def _infer_inputs(request: dict, batched: bool = False) -> list:
+    """The request's inputs; `batched`: with the leading batch dimension of a model with max_batch_size > 0
+    (the batching baseline, behind Triton's dynamic batcher)."""
     import tritonclient.grpc as grpcclient
 
     fields = dict(request)
     inputs = []
     for name, (array, dtype) in request_arrays(fields.pop("prompt"), **fields).items():
+        if batched:
+            array = array[None]
         tensor = grpcclient.InferInput(name, list(array.shape), dtype)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
@@ -194,13 +198,14 @@ async def _stream_once(client, model: str, inputs: list):
         responses.cancel()
 
 
-async def _send(client, model: str, record: RequestRecord, request: dict, start: float, timeout_s: float) -> None:
+async def _send(client, model: str, record: RequestRecord, request: dict, start: float, timeout_s: float,
+                batched: bool = False) -> None:
     import grpc
     from tritonclient.utils import InferenceServerException
 
     loop = asyncio.get_running_loop()
     await asyncio.sleep(max(0.0, start + record.arrival_s - loop.time()))  # the arrival schedule, not a wait
-    inputs = _infer_inputs(request)
+    inputs = _infer_inputs(request, batched)
     record.sent_s = loop.time() - start
     if model == contract.TEXT_TO_IMAGE_STREAM:
         call = _stream_once(client, model, inputs)
@@ -216,7 +221,7 @@ async def _send(client, model: str, record: RequestRecord, request: dict, start:
     except grpc.RpcError as exc:  # raised by the stream iterator itself: the transport failed
         record.fail(loop.time() - start, f"transport {exc.code().name}: {exc.details()}")
     else:
-        record.complete(loop.time() - start, json.loads(result.as_numpy("metadata")[0]))
+        record.complete(loop.time() - start, json.loads(result.as_numpy("metadata").reshape(-1)[0]))
 
 
 async def run_load(url: str, requests: list[dict], arrivals: list[float], *, model: str = contract.TEXT_TO_IMAGE_STREAM,
@@ -236,8 +241,10 @@ async def run_load(url: str, requests: list[dict], arrivals: list[float], *, mod
                for i, (r, t) in enumerate(zip(requests, arrivals))]
     loop = asyncio.get_running_loop()
     async with aioclient.InferenceServerClient(url) as client:
+        config = await client.get_model_config(model, as_json=True)
+        batched = int(config["config"].get("max_batch_size", 0)) > 0
         start = loop.time()
-        await asyncio.gather(*(_send(client, model, rec, req, start, timeout_s)
+        await asyncio.gather(*(_send(client, model, rec, req, start, timeout_s, batched)
                                for rec, req in zip(records, requests)))
         duration = loop.time() - start
     return LoadResult(records=records, duration_s=duration, model=model, url=url)
