@@ -33,7 +33,6 @@ import platform
 import queue
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
