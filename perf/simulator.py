@@ -556,10 +556,15 @@ class SimulatedRunner:
         return times
 
     def _sum(self, times: list[float]) -> float:
-        total = 0.0
+        """The iteration's duration. As the runner pipelines them, the side stages (encode, decode, gate) run
+        beside the UNet calls, and the iteration lasts as long as the longer of the two."""
+        unet = side = 0.0
         for i in self._canon:  # the plan's order does not change the sum, not even in its last bit
-            total += times[i]
-        return total
+            if self.calls[i][0] == "unet":
+                unet += times[i]
+            else:
+                side += times[i]
+        return max(unet, side) if unet > 0 else side
 
     def durations(self, plan: Plan, k: int) -> list[float]:
         """The durations of the next k executions of `plan`, without consuming the noise stream."""
