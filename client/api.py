@@ -90,6 +90,16 @@ def _inputs(module, arrays):
     return inputs
 
 
+def infer_inputs(module, fields: dict) -> list:
+    """tritonclient InferInputs (`module`: tritonclient.grpc or .http) for request `fields` (prompt included)."""
+    return _inputs(module, request_arrays(**fields))
+
+
+def error_message(exc) -> str:
+    """The server's message of a tritonclient exception (its code first), else the exception's text."""
+    return exc.message() if hasattr(exc, "message") and exc.message() else str(exc)
+
+
 def _result(response) -> GenerationResult:
     return GenerationResult(array=response.as_numpy("image"),
                             metadata=json.loads(response.as_numpy("metadata")[0]))

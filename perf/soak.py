@@ -35,7 +35,7 @@ from pathlib import Path
 
 from perf.cli import OneLineParser, device_name, write_json
 from triffusion import contract, procs
-from triffusion.client.api import request_arrays
+from triffusion.client.api import error_message, infer_inputs
 
 KINDS = {"ok_stream": 0.35, "ok_unary": 0.2, "ok_http": 0.15, "cancel": 0.1, "timeout": 0.05, "bad": 0.15}
 BAD_FIELDS = [{"height": 100}, {"steps": 0}, {"guidance_scale": 99.0}, {"scheduler": "warp"}, {"prompt": ""},
@@ -90,19 +90,6 @@ def growth_pct(first: dict, last: dict) -> tuple[float, int, int]:
     return 100.0 * (after - before) / before, before, after
 
 
-def _inputs(module, fields):
-    out = []
-    for name, (array, dtype) in request_arrays(**fields).items():
-        tensor = module.InferInput(name, list(array.shape), dtype)
-        tensor.set_data_from_numpy(array)
-        out.append(tensor)
-    return out
-
-
-def _message(exc) -> str:
-    return exc.message() if hasattr(exc, "message") and exc.message() else str(exc)
-
-
 def run_one(urls: dict, kind: str, fields: dict) -> dict:
     """One request of `kind`; its outcome and how many final answers it got."""
     import tritonclient.grpc as grpcclient
@@ -115,7 +102,7 @@ def run_one(urls: dict, kind: str, fields: dict) -> dict:
             answers: queue.Queue = queue.Queue()
             client = grpcclient.InferenceServerClient(urls["grpc"])
             client.start_stream(callback=lambda result, error: answers.put((result, error)))
-            client.async_stream_infer(contract.TEXT_TO_IMAGE_STREAM, _inputs(grpcclient, {**fields, "stream": True}),
+            client.async_stream_infer(contract.TEXT_TO_IMAGE_STREAM, infer_inputs(grpcclient, {**fields, "stream": True}),
                                       request_id=uuid.uuid4().hex, enable_empty_final_response=True)
             deadline = start + HANG_S
             try:
@@ -126,7 +113,7 @@ def run_one(urls: dict, kind: str, fields: dict) -> dict:
                         break
                     if error is not None:
                         record["finals"] += 1
-                        record["outcome"] = _message(error).partition(":")[0]
+                        record["outcome"] = error_message(error).partition(":")[0]
                         break
                     if kind == "cancel" and result.as_numpy("progress") is not None:
                         client.stop_stream(cancel_requests=True)  # the client leaves mid-request
@@ -144,7 +131,7 @@ def run_one(urls: dict, kind: str, fields: dict) -> dict:
         elif kind in ("ok_unary",):
             client = grpcclient.InferenceServerClient(urls["grpc"])
             try:
-                client.infer(contract.TEXT_TO_IMAGE, _inputs(grpcclient, fields), client_timeout=HANG_S)
+                client.infer(contract.TEXT_TO_IMAGE, infer_inputs(grpcclient, fields), client_timeout=HANG_S)
                 record["finals"], record["outcome"] = 1, "ok"
             finally:
                 client.close()
@@ -152,13 +139,13 @@ def run_one(urls: dict, kind: str, fields: dict) -> dict:
             client = httpclient.InferenceServerClient(urls["http"], network_timeout=HANG_S, connection_timeout=HANG_S)
             try:
                 # The request's own timeout (microseconds): 30 ms, shorter than the work; the front cancels it.
-                client.infer(contract.TEXT_TO_IMAGE, _inputs(httpclient, fields),
+                client.infer(contract.TEXT_TO_IMAGE, infer_inputs(httpclient, fields),
                              timeout=30_000 if kind == "timeout" else None)
                 record["finals"], record["outcome"] = 1, "ok"
             finally:
                 client.close()
     except Exception as exc:  # noqa: BLE001 - an error answer is an answer; its code is the outcome
-        message = _message(exc)
+        message = error_message(exc)
         record["finals"] = record["finals"] or 1
         record["outcome"] = message.partition(":")[0].strip() if ":" in message[:20] else message[:80]
         if "Deadline" in message:

@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from triffusion import contract, procs
-from triffusion.client.api import request_arrays
+from triffusion.client.api import error_message, infer_inputs
 
 PATHS = ("grpc_stream", "grpc_unary", "http")
 HANG_S = 90.0  # an answer later than this is a hang
@@ -36,19 +36,6 @@ class Outcome:
         return None if self.error is None else self.error.partition(":")[0].strip()
 
 
-def _inputs(module, fields):
-    inputs = []
-    for name, (array, dtype) in request_arrays(**fields).items():
-        tensor = module.InferInput(name, list(array.shape), dtype)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
-
-
-def _message(exc) -> str:
-    return exc.message() if hasattr(exc, "message") and exc.message() else str(exc)
-
-
 def send(server, path: str, **fields) -> Outcome:
     """One request; blocks until its final answer (or HANG_S), counting every final answer."""
     outcome, start = Outcome(path), time.monotonic()
@@ -57,7 +44,7 @@ def send(server, path: str, **fields) -> Outcome:
         answers: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(server.grpc)
         client.start_stream(callback=lambda result, error: answers.put((result, error)))
-        client.async_stream_infer(contract.TEXT_TO_IMAGE_STREAM, _inputs(grpcclient, {**fields, "stream": True}),
+        client.async_stream_infer(contract.TEXT_TO_IMAGE_STREAM, infer_inputs(grpcclient, {**fields, "stream": True}),
                                   request_id=uuid.uuid4().hex, enable_empty_final_response=True)
         deadline = start + HANG_S
         try:
@@ -68,7 +55,7 @@ def send(server, path: str, **fields) -> Outcome:
                     break
                 if error is not None:
                     outcome.finals += 1
-                    outcome.error = _message(error)
+                    outcome.error = error_message(error)
                     break
                 final = result.get_response().parameters.get("triton_final_response")
                 if result.as_numpy("image") is not None:
@@ -92,11 +79,11 @@ def send(server, path: str, **fields) -> Outcome:
                   httpclient.InferenceServerClient(server.http, network_timeout=HANG_S, connection_timeout=HANG_S))
         try:
             kwargs = {"client_timeout": HANG_S} if path == "grpc_unary" else {}
-            result = client.infer(contract.TEXT_TO_IMAGE, _inputs(module, fields), **kwargs)
+            result = client.infer(contract.TEXT_TO_IMAGE, infer_inputs(module, fields), **kwargs)
             outcome.ok, outcome.finals = True, 1
             outcome.metadata = json.loads(result.as_numpy("metadata")[0])
         except Exception as exc:  # noqa: BLE001 - an error answer is an answer; the test reads it
-            outcome.finals, outcome.error = 1, _message(exc)
+            outcome.finals, outcome.error = 1, error_message(exc)
             if "Deadline" in outcome.error or "timed out" in outcome.error.lower():
                 outcome.finals = 0  # the client gave up: no answer came
         finally:
