@@ -190,20 +190,20 @@ class StepScheduler:
 
         finish, victim = verdict(params.steps)
         if finish <= self._due(state) and victim is None:
-            self._admitted(state, now, params.steps, finish)
+            self._admitted(state, now, finish)
             return
         low, high, best = floor, params.steps - 1, None  # finish time and harm fall with fewer steps
         while low <= high:
             mid = (low + high) // 2
             finish_mid, victim_mid = verdict(mid)
             if finish_mid <= self._due(state) and victim_mid is None:
-                best, low = mid, mid + 1
+                best, best_finish, low = mid, finish_mid, mid + 1
             else:
                 high = mid - 1
                 finish, victim = finish_mid, victim_mid
         if best is not None:
             self._serve_steps(state, best)
-            self._admitted(state, now, best, verdict(best)[0])
+            self._admitted(state, now, best_finish)
             return
         if victim is not None:
             raise Rejected(f"admitting it would make request {victim.request_id} miss its SLO")
@@ -211,10 +211,11 @@ class StepScheduler:
         raise Rejected(f"slo_ms {params.slo_ms} cannot be met at the current load: "
                        f"predicted {need_ms:.0f} ms with {floor} steps")
 
-    def _admitted(self, state: RequestState, now: float, steps: int, finish: float) -> None:
-        """Keep what admission forecast: the biased finish (reported) and the raw duration (to learn from)."""
+    def _admitted(self, state: RequestState, now: float, finish: float) -> None:
+        """Keep what admission forecast: the biased finish (reported) and the raw duration (to learn from; the
+        biased one is its level's bias times it)."""
         state.predicted_finish, state.forecast_at = finish, now
-        state.forecast_s = self.forecast(now, state, steps)[state] - now
+        state.forecast_s = (finish - now) / self.forecast_bias.get(self._level(state), 1.0)
 
     def _due(self, state: RequestState) -> float:
         """When admission plans `state` to be done: its deadline less the headroom."""
