@@ -130,6 +130,10 @@ class StepScheduler:
         # structure misses (requests that arrive later and overtake a waiting one under EDF, encode and
         # decode on the shared cores) scales every forecast duration of that level.
         self.forecast_bias: dict[str, float] = {}
+        # step_mode auto: the fraction of its evaluations a request of (model, service level) ran before the
+        # entropy stop ended it (EWMA of finished ones). The forecast plays auto requests forward with the
+        # expected stop, not the requested steps: a slot frees when the request stops, not at its target.
+        self.stop_fraction: dict[tuple[str, str], float] = {}
 
     # ---- intake ----------------------------------------------------------------------------
     def add(self, state: RequestState, now: float) -> None:
@@ -305,10 +309,11 @@ class StepScheduler:
         that iteration's batches (measured/predicted scale included). The side stages hold the loop too: a
         joining request spends one iteration being encoded, finished ones are decoded (and a cascade's light
         answers scored) during the next one, and an iteration lasts as long as the longer of the two."""
-        active = [[s, s.steps_left + (0 if s.encoded else 1)] for s in self.running]
+        active = [[s, self._expected_left(s) + (0 if s.encoded else 1)] for s in self.running]
         queue = self.waiting if extra is None else self.waiting + [extra]
         queue = self.policy.order(queue, now)
-        remaining = lambda s: (extra_steps if s is extra else s.params.steps) + 1  # + the encode iteration
+        # + 1: the encode iteration
+        remaining = lambda s: self._expected_steps(s, extra_steps if s is extra else s.params.steps) + 1
         finish, t = {}, now
         side = self._encode_time([s for s, _ in active if not s.encoded])
         while active or queue:
@@ -331,6 +336,31 @@ class StepScheduler:
             for s in done:
                 finish[s] = t + side
         return finish
+
+    def _expected_steps(self, state: RequestState, steps: int) -> int:
+        """The evaluations a request asking for `steps` is expected to run: all of them, or for step_mode auto
+        its level's measured stop fraction of them (never below its quality floor)."""
+        if state.params.step_mode != "auto":
+            return steps
+        fraction = self.stop_fraction.get((state.model, self._level(state)))
+        if fraction is None:
+            return steps
+        return min(steps, max(1, state.quality_steps, round(fraction * steps)))
+
+    def _expected_left(self, state: RequestState) -> int:
+        """The evaluations a running request is expected still to run. One that ran past its expected stop
+        without stopping is expected to run to its target."""
+        if not state.encoded:
+            return self._expected_steps(state, state.params.steps)
+        left = self._expected_steps(state, state.steps_target) - state.steps_done
+        return left if left > 0 else state.steps_left
+
+    def _observe_stop(self, state: RequestState, alpha: float = 0.1) -> None:
+        if state.params.step_mode != "auto" or not state.evaluations:
+            return
+        key = (state.model, self._level(state))
+        fraction = min(1.0, state.steps_done / state.evaluations)
+        self.stop_fraction[key] = (1 - alpha) * self.stop_fraction.get(key, 1.0) + alpha * fraction
 
     def _encode_time(self, states) -> float:
         rows = sum(s.unet_rows for s in states)
@@ -492,6 +522,7 @@ class StepScheduler:
              update: Update) -> None:
         if status is Status.FINISHED:
             self.observe_finish(state, now)
+            self._observe_stop(state)
         state.error = error
         state.enter(status, now)
         self.release(state)

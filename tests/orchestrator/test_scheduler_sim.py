@@ -240,6 +240,32 @@ def test_the_forecast_bias_learns_per_level_and_only_from_long_forecasts():
     late.add(other, now=0.0)
 
 
+def test_the_forecast_plays_auto_requests_to_their_measured_stop():
+    """step_mode auto: a level's requests that stopped after half their evaluations are forecast to stop there
+    (their slot frees then), never below the quality floor; one that ran past its expected stop is expected to
+    run to its target."""
+    scheduler = StepScheduler(max_active=4, predictor=exact_predictor())
+    done = make_slo_state(1, 100_000)
+    done.params.step_mode, done.evaluations, done.steps_done = "auto", 10, 5
+    for _ in range(200):
+        scheduler._observe_stop(done)  # EWMA from 1.0 towards 0.5
+    assert scheduler.stop_fraction == {("unet", "priority 0"): pytest.approx(0.5)}
+    auto, fixed = make_slo_state(2, 100_000), make_slo_state(3, 100_000)
+    auto.params.step_mode = "auto"
+    for state in (auto, fixed):
+        alone = StepScheduler(max_active=4, predictor=exact_predictor())
+        alone.stop_fraction = dict(scheduler.stop_fraction)
+        alone.add(state, now=0.0)
+    # encode + 5 of 10 steps at 0.125 s, then the decode; the fixed one runs all 10.
+    assert auto.forecast_s == 6 * 0.125 + 0.0625 and fixed.forecast_s == 11 * 0.125 + 0.0625
+    floored = make_slo_state(4, 100_000)
+    floored.params.step_mode, floored.quality_steps = "auto", 8
+    assert scheduler._expected_steps(floored, 10) == 8
+    running = make_slo_state(5, 100_000)
+    running.params.step_mode, running.steps_target, running.steps_done = "auto", 10, 7
+    assert scheduler._expected_left(running) == 3  # past the expected stop (5): to its target
+
+
 def test_srpt_orders_by_remaining_work_and_fcfs_by_arrival():
     scheduler = StepScheduler(max_active=1, policy=create_policy("srpt"))
     long, short = make_state(1, steps=50), make_state(2, steps=3)
