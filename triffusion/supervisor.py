@@ -89,10 +89,23 @@ class AdminClient:
         except (urllib.error.URLError, OSError):
             return False
 
-    def control(self, message: dict, timeout_s: float = 5.0) -> dict:
-        """One control message to the orchestrator; its reply (the `status` JSON)."""
+    def control(self, message: dict, timeout_s: float = 5.0, attempts: int = 3) -> dict:
+        """One control message to the orchestrator; its reply (the `status` JSON). Control messages are
+        idempotent (health, profile, drain), so a stream that fails before the reply (the gRPC connection
+        reset under load) is retried on a new connection, up to `attempts` times."""
+        last: Exception | None = None
+        for attempt in range(attempts):
+            try:
+                return self._control_once(message, timeout_s)
+            except _StreamBroken as exc:
+                last = exc
+                time.sleep(0.2 * (attempt + 1))  # back off before a new connection
+        raise RuntimeError(f"control {message.get('op')}: {last}")
+
+    def _control_once(self, message: dict, timeout_s: float) -> dict:
         import numpy as np
         import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
 
         replies: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.grpc_url)
@@ -100,9 +113,19 @@ class AdminClient:
             client.start_stream(callback=lambda result, error: replies.put((result, error)))
             tensor = grpcclient.InferInput("control", [1], "BYTES")
             tensor.set_data_from_numpy(np.array([json.dumps({**message, "key": self.key}).encode()], dtype=object))
-            client.async_stream_infer(contract.ORCHESTRATOR, [tensor], outputs=[grpcclient.InferRequestedOutput("status")])
+            try:
+                client.async_stream_infer(contract.ORCHESTRATOR, [tensor],
+                                          outputs=[grpcclient.InferRequestedOutput("status")])
+            except InferenceServerException as exc:  # the stream failed already; its callback got why
+                try:
+                    _, error = replies.get_nowait()
+                except queue.Empty:
+                    error = exc
+                raise _StreamBroken(str(error)) from None
             result, error = replies.get(timeout=timeout_s)
             if error is not None:
+                if _stream_failure(error):
+                    raise _StreamBroken(str(error))
                 raise RuntimeError(str(error))
             return json.loads(result.as_numpy("status")[0])
         finally:
@@ -110,6 +133,15 @@ class AdminClient:
                 client.stop_stream(cancel_requests=True)
             finally:
                 client.close()
+
+
+class _StreamBroken(Exception):
+    """The control stream failed before the orchestrator answered (worth a retry on a new connection)."""
+
+
+def _stream_failure(error) -> bool:
+    status = str(getattr(error, "status", lambda: "")() or "")
+    return status in ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED")
 
 
 class Supervisor:
