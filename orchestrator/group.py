@@ -73,7 +73,7 @@ class EngineGroup:
                     probe = copy.copy(state)
                     probe.arrival = now if state.received is None else min(state.received, now)
                     probe.seq = scheduler._seq + 1
-                    seconds = scheduler.forecast(now, probe, state.params.steps).get(probe, math.inf) - now
+                    seconds = scheduler.finish_times(now, probe, state.params.steps).get(probe, math.inf) - now
                 views.append(DeviceView(i, len(scheduler.waiting), len(scheduler.running), seconds, closed,
                                         self.roles[i]))
         return views

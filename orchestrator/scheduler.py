@@ -376,15 +376,6 @@ class StepScheduler:
         light = sum(1 for s in states if s.cascade and self.cascade is not None and s.model == self.cascade.light)
         return total + (self.predictor.gate(light) if light else 0.0)
 
-    def predict_admission(self, state: RequestState, now: float, steps: int):
-        """(predicted finish time of `state` with `steps`, an admitted request it would make late or None)."""
-        before = self.forecast(now)
-        finish = self.forecast(now, state, steps)
-        for s, t in finish.items():
-            if s is not state and self._harmed(s, t, before):
-                return finish[state], s
-        return finish[state], None
-
     # ---- iteration -------------------------------------------------------------------------
     @property
     def has_work(self) -> bool:

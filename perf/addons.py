@@ -39,31 +39,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from perf.inprocess import Collect, drain, serve_fields
+
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu-tiny" / "addons.json"
 PARITY_TOLERANCE = 2  # uint8 levels, max over pixels: fused weights vs per-row deltas round differently
 
 
 # ---- references ----------------------------------------------------------------------------------------
-class Collect:
-    def __init__(self, on_done=None):
-        self.image = self.metadata = self.error = None
-        self.on_done = on_done
-        self.done_at = None
-
-    def progress(self, step, steps): ...
-    def preview(self, image): ...
-
-    def finish(self, image, metadata):
-        self.image, self.metadata, self.done_at = image, metadata, time.monotonic()
-        if self.on_done:
-            self.on_done(self)
-
-    def fail(self, error):
-        self.error, self.done_at = error, time.monotonic()
-        if self.on_done:
-            self.on_done(self)
-
-
 def _pipeline(repo: Path) -> dict:
     return json.loads((Path(repo) / "orchestrator" / "1" / "pipeline.json").read_text())
 
@@ -111,27 +93,12 @@ def fused_reference(repo: Path, request: dict) -> np.ndarray:
 
 def _serve(repo, pipeline, executor, requests, lora_limits=True):
     from triffusion.orchestrator.config import OrchestratorConfig, build_engine
-    from triffusion.orchestrator.params import Limits, parse_params
-    from triffusion.orchestrator.request import RequestState
-    from triffusion.orchestrator.text import PromptTokenizer
+    from triffusion.orchestrator.params import Limits
 
     engine, limits = build_engine(OrchestratorConfig(admission="off"), pipeline, executor)
     if not lora_limits:
         limits = Limits.from_dict({k: v for k, v in pipeline["limits"].items() if k not in ("adapters", "max_lora")})
-    tokenizer = PromptTokenizer(Path(repo) / "orchestrator" / "1" / "tokenizer")
-    sinks = []
-    for i, raw in enumerate(requests):
-        params = parse_params(raw, limits, tokenizer.count)
-        ids = tokenizer.input_ids(params.prompt, params.negative_prompt, cfg=params.uses_cfg)
-        sinks.append(Collect())
-        engine.submit(RequestState(f"ref-{i}", params, sinks[-1], ids))
-    while engine.scheduler.has_work:
-        engine.step()
-    engine.runner.close()
-    for sink in sinks:
-        if sink.error is not None:
-            raise RuntimeError(f"request failed: {sink.error.message}")
-    return [(s.image, s.metadata) for s in sinks]
+    return serve_fields(engine, limits, repo, requests, prefix="ref")
 
 
 def image_diff(a: np.ndarray, b: np.ndarray) -> int:
@@ -391,18 +358,10 @@ def lora_parity(preset: str = "tiny", steps: int = 6, log=print) -> dict:
 
     def serve(executor, mixes, admit_with=None):
         engine, _ = build_engine(OrchestratorConfig(admission="off"), info, executor)
-        sinks = []
-        for i, pairs in enumerate(mixes):
-            sinks.append(Collect())
-            state = RequestState(f"p{i}", GenerationParams(prompt="p", steps=steps, seed=7, lora=pairs), sinks[-1], ids)
-            if admit_with is None:
-                engine.submit(state)
-            else:
-                admit_with(engine, state)
-        while engine.scheduler.has_work:
-            engine.step()
-        engine.runner.close()
-        return [s.image for s in sinks], engine
+        states = [RequestState(f"p{i}", GenerationParams(prompt="p", steps=steps, seed=7, lora=pairs), Collect(), ids)
+                  for i, pairs in enumerate(mixes)]
+        drain(engine, states, None if admit_with is None else (lambda state: admit_with(engine, state)))
+        return [s.sink.image for s in states], engine
 
     runtime, bank = lora.lora_runtime_from_module(pipe.unet, slots=3, max_rank=4, per_request=2)
     for slot, adapter in enumerate(adapters.values(), start=1):

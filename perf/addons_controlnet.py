@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from perf.inprocess import serve_fields
+
 ROOT = Path(__file__).resolve().parents[1]
 FAMILY = "tiny-control"
 CONTROLNET = "canny"
@@ -93,24 +95,12 @@ def reference_image(folder: Path, prompt: str, seed: int, steps: int, guidance_s
     return (np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8)
 
 
-class _Collect:
-    def __init__(self):
-        self.image, self.metadata, self.error = None, None, None
-
-    def progress(self, step, steps): ...
-    def preview(self, image): ...
-    def finish(self, image, metadata): self.image, self.metadata = image, metadata
-    def fail(self, error): self.error = error
-
-
 def serve_in_process(repo: Path, requests: list[dict]) -> list[tuple[np.ndarray, dict]]:
     """The requests (request fields, as a client sends them) submitted together to the orchestrator's engine
     over the exported ONNX components in this process; (image, metadata) each, in order."""
     from triffusion.orchestrator.config import OrchestratorConfig, build_engine
     from triffusion.orchestrator.executor import RuntimeExecutor
-    from triffusion.orchestrator.params import Limits, parse_params
-    from triffusion.orchestrator.request import RequestState
-    from triffusion.orchestrator.text import PromptTokenizer
+    from triffusion.orchestrator.params import Limits
     from triffusion.runtime import create_runtime
 
     pipeline = json.loads((repo / "orchestrator" / "1" / "pipeline.json").read_text())
@@ -119,21 +109,7 @@ def serve_in_process(repo: Path, requests: list[dict]) -> list[tuple[np.ndarray,
     executor = RuntimeExecutor(load("text_encoder"), {"unet": load("unet"), control["unet"]: load(control["unet"])},
                                load("vae_decoder"), controlnets={m: load(m) for m in control["controlnets"].values()})
     engine, _ = build_engine(OrchestratorConfig(), pipeline, executor)
-    limits = Limits.from_dict(pipeline["limits"])
-    tokenizer = PromptTokenizer(repo / "orchestrator" / "1" / "tokenizer")
-    sinks = []
-    for i, raw in enumerate(requests):
-        params = parse_params(raw, limits, tokenizer.count)
-        ids = tokenizer.input_ids(params.prompt, params.negative_prompt, cfg=params.uses_cfg)
-        sinks.append(_Collect())
-        engine.submit(RequestState(f"parity-{i}", params, sinks[-1], ids))
-    while engine.scheduler.has_work:
-        engine.step()
-    engine.runner.close()
-    for sink in sinks:
-        if sink.error is not None:
-            raise RuntimeError(f"request failed: {sink.error}")
-    return [(s.image, s.metadata) for s in sinks]
+    return serve_fields(engine, Limits.from_dict(pipeline["limits"]), repo, requests, prefix="parity")
 
 
 def diff(a: np.ndarray, b: np.ndarray) -> tuple[int, float]:
