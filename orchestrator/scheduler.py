@@ -196,16 +196,22 @@ class StepScheduler:
         if finish <= self._due(state) and victim is None:
             self._admitted(state, now, finish)
             return
-        low, high, best = floor, params.steps - 1, None  # finish time and harm fall with fewer steps
-        while low <= high:
-            mid = (low + high) // 2
-            finish_mid, victim_mid = verdict(mid)
-            if finish_mid <= self._due(state) and victim_mid is None:
-                best, best_finish, low = mid, finish_mid, mid + 1
-            else:
-                high = mid - 1
-                finish, victim = finish_mid, victim_mid
+        # The floor next: under overload most newcomers fail it, and then a rejection costs two forecasts under
+        # the lock, not a bisection's worth.
+        best = None
+        if floor < params.steps:
+            finish, victim = verdict(floor)
+            if finish <= self._due(state) and victim is None:
+                best, best_finish = floor, finish
         if best is not None:
+            low, high = floor + 1, params.steps - 1  # finish time and harm fall with fewer steps
+            while low <= high:
+                mid = (low + high) // 2
+                finish_mid, victim_mid = verdict(mid)
+                if finish_mid <= self._due(state) and victim_mid is None:
+                    best, best_finish, low = mid, finish_mid, mid + 1
+                else:
+                    high = mid - 1
             self._serve_steps(state, best)
             self._admitted(state, now, best_finish)
             return

@@ -334,6 +334,18 @@ def prepare(workdir: Path, args) -> Path:
     return repo
 
 
+def commit() -> str | None:
+    """The code measured: the checkout's commit, with "+dirty" when it has uncommitted changes (None outside git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = OneLineParser(prog="python -m perf.slo_proof", description=__doc__.splitlines()[0])
     ap.add_argument("--systems", default=",".join(SYSTEMS))
@@ -358,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     repo = Path(args.repo) if args.repo else prepare(workdir, args)
     pipeline = json.loads((repo / contract.ORCHESTRATOR / "1" / "pipeline.json").read_text())
     classes = pipeline["limits"]["slo_classes"]
-    report = {"bench": "slo_proof", "device": device_name("cpu"), "date": time.strftime("%Y-%m-%d"),
+    report = {"bench": "slo_proof", "device": device_name("cpu"), "date": time.strftime("%Y-%m-%d"), "commit": commit(),
               "command": "python -m perf.slo_proof " + " ".join(argv if argv is not None else sys.argv[1:]),
               "target": TARGET, "mix": MIX, "slo_classes": classes, "full_config": FULL, "systems": {},
               "step_quality": pipeline.get("step_quality"), "auto_stop": pipeline.get("auto_stop"),
