@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from perf.cli import device_name
+from triffusion.procs import default_sigint
 
 STEPS = ("unet_serving", "orchestration_overhead", "slo_bench", "quality_aware")
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +145,7 @@ def run_command(command: list[str], timeout_s: float, log: Path) -> tuple[int | 
         sink.write(f"$ {' '.join(command)}\n")
         sink.flush()
         process = subprocess.Popen(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=default_sigint)
         try:
             code = process.wait(timeout=max(timeout_s, 1.0))
         except subprocess.TimeoutExpired:

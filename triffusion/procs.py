@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from pathlib import Path
 
 STUB = "triton_python_backend_stub"
@@ -95,3 +96,10 @@ def shm_regions(server_pid: int) -> list[str]:
             if arg.startswith("triton_python_backend_shm_region"):
                 regions.append(arg)
     return regions
+
+
+def default_sigint() -> None:
+    """For `preexec_fn`: SIGINT back to its default in a child before it starts. A process launched in the
+    background (`cmd &` in a script, nohup) inherits SIGINT ignored, and so would its children, which then
+    could not be interrupted gently."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

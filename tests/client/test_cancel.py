@@ -12,6 +12,7 @@ import time
 import pytest
 
 from triffusion.client import GenerationError, generate, start_stream_generation
+from triffusion.procs import default_sigint
 
 from .waiting import cancelled, unet_calls, wait_for
 
@@ -25,8 +26,9 @@ class Cli:
     """`triffusion generate` in a child process, its stderr collected as it comes (tqdm writes no newlines)."""
 
     def __init__(self, *argv: str):
+        # SIGINT at its default in the child: a suite run in the background inherits it ignored.
         self.proc = subprocess.Popen([sys.executable, "-m", "triffusion.cli", "generate", *argv],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
         self.err = bytearray()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -90,7 +92,16 @@ def test_ctrl_c_on_a_unary_grpc_call_cancels_on_the_server(server, cli_process, 
     assert_freed(server, before)
 
 
-def test_keyboard_interrupt_in_result_cancels_the_stream(server):
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test, whatever the suite inherited (a suite run in
+    the background starts with SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_keyboard_interrupt_in_result_cancels_the_stream(server, python_sigint):
     """The Python API: Ctrl-C while waiting in result() cancels on the server before it propagates."""
     before = cancelled(server)
     steps, main = [], threading.main_thread().ident
