@@ -1,7 +1,17 @@
 """Engine observer that exports Prometheus metrics through any MetricFamily-like factory (the python
-backend's pb_utils.MetricFamily in production). Names share the `triffusion_` prefix."""
+backend's pb_utils.MetricFamily in production). Names share the `triffusion_` prefix.
+
+Every hook holds one lock. The python backend's `Metric.increment/observe` give up the GIL and then write
+the metric's message into freshly allocated shared memory, freeing the previous one (python_backend
+src/metric.cc, `SaveToSharedMemory`; unchanged on its main branch): two threads on one metric (two device
+engines, the adapter loader, the control channel) let tritonserver read a freed message, and it aborts
+with std::bad_alloc (measured on 2.51 with `devices: 2`). A metric made on first use is made once for the
+same reason: a duplicate that is dropped deletes the series under the other."""
 
 from __future__ import annotations
+
+import functools
+import threading
 
 from .engine import Observer
 from .request import RequestState, Status
@@ -12,9 +22,18 @@ NO_CLASS = "none"  # the slo_class label of a request that named no SLO class
 SECONDS_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 
 
+def _serialized(hook):
+    @functools.wraps(hook)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return hook(self, *args, **kwargs)
+    return locked
+
+
 class MetricsObserver(Observer):
     def __init__(self, family, counter, gauge, histogram):
         """`family(name, description, kind)` returns an object with `Metric(labels, buckets=None)`."""
+        self._lock = threading.Lock()  # see the module docstring: one metric call at a time
         # A family must outlive its metrics (the python backend deletes metrics of a dropped family).
         self._families = [
             family("triffusion_requests_total", "Requests by outcome", counter),
@@ -66,6 +85,7 @@ class MetricsObserver(Observer):
         self._families.append(self._steps_family)
         self._steps: dict[str, object] = {}
 
+    @_serialized
     def request_done(self, state: RequestState) -> None:
         self._outcomes[state.status].increment(1)
         if state.error is not None:
@@ -90,6 +110,7 @@ class MetricsObserver(Observer):
         if "finished" in t and "queued" in t:
             self._stage["total"].observe(t["finished"] - t["queued"])
 
+    @_serialized
     def unet_call(self, bucket, rows, seconds) -> None:
         self._batch.observe(rows)
         self._stage["unet"].observe(seconds)
@@ -97,12 +118,15 @@ class MetricsObserver(Observer):
             self._calls[rows] = self._call_family.Metric(labels={"rows": str(rows)}, buckets=SECONDS_BUCKETS)
         self._calls[rows].observe(seconds)
 
+    @_serialized
     def stage(self, stage, seconds) -> None:
         self._stage[stage].observe(seconds)
 
+    @_serialized
     def queue_depth(self, depth) -> None:
         self._queue.set(depth)
 
+    @_serialized
     def cascade(self, state, router) -> None:
         self._routes["heavy" if state.escalated else "light"].increment(1)
         self._cascade["threshold"].set(router.threshold)
@@ -110,6 +134,7 @@ class MetricsObserver(Observer):
         if state.gate_score is not None:
             self._cascade["last_score"].set(state.gate_score)
 
+    @_serialized
     def decision(self, decision) -> None:
         option = decision.option
         values = {"demand_rps": decision.inputs.get("demand", 0.0), "threshold": option.threshold,
@@ -121,9 +146,11 @@ class MetricsObserver(Observer):
         for key, value in values.items():
             self._controller[key].set(float(value))
 
+    @_serialized
     def loop_error(self) -> None:
         self._loop_errors.increment(1)
 
+    @_serialized
     def supervisor(self, events) -> None:
         for event in events:
             key = (str(event.get("action")), str(event.get("model")))
@@ -131,6 +158,7 @@ class MetricsObserver(Observer):
                 self._supervisor[key] = self._supervisor_family.Metric(labels={"action": key[0], "model": key[1]})
             self._supervisor[key].set(float(event.get("count", 0)))
 
+    @_serialized
     def adapter(self, event, value) -> None:
         if event == "load":
             self._adapter_loads.observe(float(value))

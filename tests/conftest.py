@@ -55,3 +55,23 @@ class Urls:
 
     def url(self, protocol: str) -> str:
         return self.http if protocol == "http" else self.grpc
+
+
+CRASH_MARKS = ("Signal (", "terminate called", "what():", "exited with code", "Stub process")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's server logs (under its tmp_path) are gone when CI reports it: the report keeps
+    what a crash left in them (a signal, an abort's reason, a dead stub)."""
+    outcome = yield
+    report = outcome.get_result()
+    tmp = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.when != "call" or not report.failed or tmp is None:
+        return
+    for log in sorted(Path(tmp).rglob("*.log"))[:8]:
+        lines = log.read_text(errors="replace").splitlines()
+        marked = [i for i, line in enumerate(lines) if any(mark in line for mark in CRASH_MARKS)]
+        if marked:
+            first = max(0, marked[0] - 3)
+            report.sections.append((f"crash lines in {log.name}", "\n".join(lines[first:first + 40])))

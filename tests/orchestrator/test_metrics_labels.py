@@ -1,6 +1,9 @@
 """MetricsObserver's series that the dashboards (deploy/monitoring) and the autoscaler (deploy/helm) read:
 SLO attainment by SLO class and the steps each finished request ran."""
 
+import threading
+import time
+
 from triffusion.orchestrator.metrics import NO_CLASS, STEPS_BUCKETS, MetricsObserver
 from triffusion.orchestrator.params import GenerationParams
 from triffusion.orchestrator.request import RequestState, Status
@@ -67,3 +70,52 @@ def test_slo_attainment_and_steps_are_counted_per_slo_class():
     assert set(ran) == {"interactive", NO_CLASS}
     assert ran["interactive"].observed == [8, 12, 6] and ran[NO_CLASS].observed == [20]
     assert ran["interactive"].buckets == STEPS_BUCKETS and STEPS_BUCKETS[-1] >= 100  # the steps range's top
+
+
+class ReentryCheckingMetric(Metric):
+    """A metric that, like the python backend's, gives up the GIL inside a call, and counts calls that
+    overlapped another call on any metric (the backend frees the message of a metric's previous call)."""
+    inside = None
+    overlaps = 0
+
+    def observe(self, v):
+        if not ReentryCheckingMetric.inside.acquire(blocking=False):
+            ReentryCheckingMetric.overlaps += 1
+            return
+        try:
+            time.sleep(0)  # the GIL goes to another thread here, as in the backend's IPC
+            self.observed.append(v)
+        finally:
+            ReentryCheckingMetric.inside.release()
+
+    increment = set = observe
+
+
+class ReentryCheckingFamily(Family):
+    def Metric(self, labels, buckets=None):
+        metric = ReentryCheckingMetric(dict(labels), buckets)
+        self.metrics.append(metric)
+        return metric
+
+
+def test_metric_calls_from_several_threads_never_overlap_and_each_series_is_made_once():
+    """Two device engines and the adapter loader call the observer on their own threads."""
+    ReentryCheckingMetric.inside, ReentryCheckingMetric.overlaps = threading.Lock(), 0
+    Family.made = {}
+    observer = MetricsObserver(ReentryCheckingFamily, "counter", "gauge", "histogram")
+    start = threading.Barrier(3)
+
+    def engine():
+        start.wait()
+        for i in range(600):
+            observer.unet_call(("unet", 64, 64), 1 + i % 7, 0.01)
+            observer.adapter("load", 0.2)
+
+    threads = [threading.Thread(target=engine) for _ in range(3)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert ReentryCheckingMetric.overlaps == 0
+    calls = Family.made["triffusion_unet_call_seconds"]
+    assert sorted(dict(k)["rows"] for k in calls.series()) == [str(r) for r in range(1, 8)]
+    assert len(calls.metrics) == 7  # one series per row count, not one per thread that saw it first
+    assert sum(len(m.observed) for m in calls.metrics) == 3 * 600
