@@ -156,21 +156,27 @@ class Supervisor:
         self.expected: dict[str, set[str]] = {}
         self.gave_up: str | None = None
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._last_health = 0.0
         self._health_failures = 0  # consecutive health checks the orchestrator did not answer
+        self._healed_at = 0.0  # when the last reload or restart ended: a health check older than it says nothing
+        self._threads: list[threading.Thread] = []
         self.lock = threading.Lock()  # held while healing: stop() waits for it
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
         self.expected = group_by_model(procs.stubs(self.server.process.pid))
-        self._thread = threading.Thread(target=self._run, name="triffusion-supervisor", daemon=True)
-        self._thread.start()
+        # Two loops: the process table every interval_s, and the orchestrator's health every health_every_s
+        # on a thread of its own, so that a health call that waits (up to its timeout, on a stub that is
+        # dying) never delays seeing a dead stub or server.
+        self._threads = [threading.Thread(target=self._run, name="triffusion-supervisor", daemon=True),
+                         threading.Thread(target=self._run_health, name="triffusion-supervisor-health", daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(30)
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(30)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -184,33 +190,51 @@ class Supervisor:
             if self.gave_up:
                 return
 
+    def _run_health(self) -> None:
+        while not self._stop.wait(self.health_every_s):
+            try:
+                if contract.ORCHESTRATOR in self.expected:
+                    self._check_engine()
+            except Exception:  # noqa: BLE001
+                log.exception("supervisor health check failed")
+            if self.gave_up:
+                return
+
     # ---- one check ---------------------------------------------------------------------------
     def tick(self) -> None:
         process = self.server.process
         if process.poll() is not None:
             self._restart(process.returncode)
             return
-        dead = missing_stubs(self.expected, procs.stubs(process.pid))
-        for model in dead:
+        for model in missing_stubs(self.expected, procs.stubs(process.pid)):
             self.reload(model, "its stub process died")
-        now = time.monotonic()
-        if not dead and now - self._last_health >= self.health_every_s and contract.ORCHESTRATOR in self.expected:
-            self._last_health = now
-            self._check_engine()
 
     def _check_engine(self, max_failures: int = 3) -> None:
+        """One health call (outside the lock: it may wait up to its timeout); what it found acted on under the
+        lock, unless a reload or restart ended meanwhile or a stub is dead (the process table's loop heals that)."""
+        started = time.monotonic()
         try:
-            health = self.admin.control({"op": "health"})
+            health, failure = self.admin.control({"op": "health"}), None
         except Exception as exc:  # noqa: BLE001 - a stub death shows up in the process table instead
-            self._health_failures += 1
-            log.warning("orchestrator health check failed (%d in a row): %s", self._health_failures, exc)
-            if self._health_failures >= max_failures:
-                self._health_failures = 0
-                self._kill_and_reload(contract.ORCHESTRATOR, f"it did not answer {max_failures} health checks in a row")
-            return
-        self._health_failures = 0
-        if health.get("broken"):
-            self._kill_and_reload(contract.ORCHESTRATOR, f"its engine stopped ({health['broken']})")
+            health, failure = None, exc
+        with self.lock:
+            if self._stop.is_set():
+                return
+            if self._healed_at >= started or self.server.process.poll() is not None or \
+                    missing_stubs(self.expected, procs.stubs(self.server.process.pid)):
+                self._health_failures = 0  # the check raced a death or a reload: it says nothing of the engine
+                return
+            if failure is not None:
+                self._health_failures += 1
+                log.warning("orchestrator health check failed (%d in a row): %s", self._health_failures, failure)
+                if self._health_failures >= max_failures:
+                    self._health_failures = 0
+                    self._kill_and_reload(contract.ORCHESTRATOR,
+                                          f"it did not answer {max_failures} health checks in a row")
+                return
+            self._health_failures = 0
+            if health.get("broken"):
+                self._kill_and_reload(contract.ORCHESTRATOR, f"its engine stopped ({health['broken']})")
 
     def _kill_and_reload(self, model: str, why: str) -> None:
         """A stub that is alive but cannot serve: kill it first (its unload could wait on a wedged thread);
@@ -239,6 +263,7 @@ class Supervisor:
         self.counts[("reload", model)] += 1
         self.server.remember_shm()
         self.expected[model] = group_by_model(procs.stubs_of(self.server.process.pid, model)).get(model, set())
+        self._healed_at = time.monotonic()
         log.warning("%s reloaded in %.1f s", model, time.monotonic() - start)
         self.report()
 
@@ -256,6 +281,7 @@ class Supervisor:
         self.server.restart()
         self.counts[("restart", "tritonserver")] += 1
         self.expected = group_by_model(procs.stubs(self.server.process.pid))
+        self._healed_at = time.monotonic()
         log.warning("tritonserver restarted in %.1f s", time.monotonic() - start)
         self.report()
 
