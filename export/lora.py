@@ -79,7 +79,8 @@ def register(out: Path, info: dict, name: str, path: Path, unet=None, force: boo
 
 def add_lora(repo: Path, name: str, path: Path, force: bool = False, log=print) -> dict:
     """`add-lora`: register an adapter in a built repository; pipeline.json and the manifest follow, so a
-    rebuild that finds the export up to date keeps it. The orchestrator and fronts read it when they load."""
+    rebuild that finds the export up to date keeps it. A server serving the repository follows pipeline.json:
+the adapter is served from its next request, no restart (orchestrator.adapters.RegisteredAdapters)."""
     from .repository import write_pipeline
 
     repo = Path(repo)
@@ -96,8 +97,8 @@ def add_lora(repo: Path, name: str, path: Path, force: bool = False, log=print) 
         manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         info["limits"] = manifest["pipeline"].get("limits", {})
     write_pipeline(repo, info)
-    log(f"{repo}: adapter {name} added; the orchestrator and fronts serve it from their next load "
-        "(restart the server)")
+    log(f"{repo}: adapter {name} added; a server serving this repository takes it from its next request"
+        + ("; requests running with the old file finish with it" if force else ""))
     return entry
 
 

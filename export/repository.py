@@ -4,6 +4,7 @@ the adapters from model_repository/, and pipeline.json for the orchestrator."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -93,7 +94,8 @@ def default_limits(pipeline: dict) -> dict:
     limits.update(pipeline.get("limits", {}))
     lora = pipeline.get("lora")
     if lora:  # the adapters a request may name follow pipeline.json's lora section (add-lora extends it)
-        limits.update({"adapters": sorted(lora.get("adapters", {})), "max_lora": int(lora["max_per_request"])})
+        limits.update({"adapters": sorted(lora.get("adapters", {})), "max_lora": int(lora["max_per_request"]),
+                       "lora_with_controlnet": bool(pipeline.get("control"))})
     return limits
 
 
@@ -101,7 +103,9 @@ def write_pipeline(out_dir: Path, pipeline: dict) -> None:
     """pipeline.json: what the orchestrator reads about the served pipeline, with its request limits."""
     served = {**pipeline, "limits": default_limits(pipeline)}
     path = Path(out_dir) / contract.ORCHESTRATOR / "1" / "pipeline.json"
-    path.write_text(json.dumps(served, indent=2, sort_keys=True, default=str))
+    partial = path.with_name(".pipeline.json.partial")  # served repositories re-read it (add-lora): whole or old
+    partial.write_text(json.dumps(served, indent=2, sort_keys=True, default=str))
+    os.replace(partial, path)
 
 
 def _copy_adapter(kind: str, model_dir: Path) -> None:

@@ -12,10 +12,14 @@ equal to the fused model's."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import replace
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -111,6 +115,7 @@ class AdapterResidency:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="triffusion-adapters")
         self.expected_load_s = expected_load_s  # a running mean of load times: what admission charges
         self._parked: dict[str, Any] = {}  # loaded adapters that found every slot pinned
+        self._stale: set[str] = set()  # replaced on disk while a request used them: reloaded once unpinned
         self.hits = self.misses = self.loads = 0
         self.load_seconds = 0.0
 
@@ -127,6 +132,7 @@ class AdapterResidency:
             self._submit(state)
             return
         with self._lock:
+            self._drop_stale(names)
             # resident: in a slot and installed (a name stays in _loading until its install is done)
             missing = {n for n in names if self.cache.slot_of(n) is None or n in self._loading}
             due = _due(state, self.clock())
@@ -166,6 +172,16 @@ class AdapterResidency:
             for state in states:
                 self._unpin(state)
         self._retry()
+
+    def invalidate(self, names) -> None:
+        """Adapters whose file was replaced (`add-lora --force` on a served repository): the next request
+        that names one loads the new file. A copy that running or waiting requests use stays theirs; the
+        first request that names it after they are done gets the new one."""
+        with self._lock:
+            self._stale.update(names)
+            for name in names:
+                self._parked.pop(name, None)
+            self._drop_stale(list(names))
 
     def slot_of(self, name: str) -> int:
         slot = self.cache.slot_of(name)
@@ -260,6 +276,13 @@ class AdapterResidency:
             _fail(state, exc)
 
     # ---- helpers -----------------------------------------------------------------------------------
+    def _drop_stale(self, names) -> None:
+        """Forget replaced adapters no request holds (under the lock)."""
+        for name in names:
+            if name in self._stale and not self.cache.pinned(name) and name not in self._loading:
+                self.cache.forget(name)
+                self._stale.discard(name)
+
     def _unpin(self, state) -> None:
         """Unpin a request's adapters once (under the lock)."""
         if getattr(state, "adapter_pinned", False):
@@ -282,6 +305,55 @@ class AdapterResidency:
                 self.observer.adapter(event, value)
             except Exception:  # noqa: BLE001 - metrics never fail a request
                 log.exception("adapter metrics failed")
+
+
+class RegisteredAdapters:
+    """The adapters pipeline.json registers, followed while serving: `add-lora` on a served repository
+    rewrites the file (atomically) and the next request sees the new names, with no restart. Each call costs
+    a stat; the file is read again only when it changed. Only `lora.adapters` is followed: anything else in
+    the file (sizes, slots, models) takes effect at the next load. `on_change(entries, replaced)` gets the
+    new adapter entries and the names whose file changed (by sha256)."""
+
+    def __init__(self, path: str | Path, limits, entries: dict | None = None,
+                 on_change: Callable[[dict, set], None] | None = None):
+        self.path, self._limits, self._on_change = Path(path), limits, on_change
+        self._entries = dict(entries or {})
+        self._lock = threading.Lock()
+        self._stamp = self._stat()
+
+    def limits(self):
+        """The limits with the adapter names registered now."""
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return self._limits
+        with self._lock:
+            if stamp != self._stamp:
+                self._refresh(stamp)
+            return self._limits
+
+    def _stat(self):
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def _refresh(self, stamp) -> None:
+        self._stamp = stamp
+        try:
+            entries = dict((json.loads(self.path.read_text()).get("lora") or {}).get("adapters") or {})
+        except (OSError, ValueError, AttributeError):
+            log.exception("%s could not be read again; the adapters registered before stay", self.path)
+            return
+        if entries == self._entries:
+            return
+        replaced = {name for name, entry in entries.items()
+                    if name in self._entries and self._entries[name] != entry}
+        if self._on_change is not None:
+            self._on_change(entries, replaced)
+        self._entries = entries
+        self._limits = replace(self._limits, adapters=tuple(sorted(entries)))
+        log.info("adapters registered now: %s", ", ".join(sorted(entries)) or "none")
 
 
 def _due(state, now: float) -> float | None:
@@ -307,9 +379,13 @@ class AdapterExecutor:
     """An executor whose adapter UNet runs in this process with per-row adapter slots: every row of a call
     (with adapters or none) shares it. Other models go to the wrapped executor."""
 
-    def __init__(self, base, unet_model: str, runtime, residency: AdapterResidency, per_request: int):
+    def __init__(self, base, unet_model: str, runtime, residency: AdapterResidency, per_request: int,
+                 controlled: tuple[str, Any] | None = None):
+        """`controlled`: (the controlled UNet's model name, the adapter runtime taking `residuals` too), so
+        that requests with a ControlNet may carry adapters."""
         self.base, self.unet_model, self.runtime = base, unet_model, runtime
         self.residency, self.per_request = residency, per_request
+        self.control_model, self.control_runtime = controlled or (None, None)
 
     def encode(self, input_ids):
         return self.base.encode(input_ids)
@@ -324,13 +400,18 @@ class AdapterExecutor:
         return self.base.controlnet(*args, **kwargs)
 
     def denoise(self, model, sample, timestep, text_embeddings, adapters=None, **extra):
-        if model != self.unet_model or extra:
+        inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": text_embeddings}
+        if model == self.unet_model and not extra:
+            runtime = self.runtime
+        elif model == self.control_model and set(extra) == {"residuals"}:
+            runtime = self.control_runtime
+            inputs["residuals"] = extra["residuals"]
+        else:
             if adapters and any(adapters):  # the runner retries each request alone: LoRA ones come back here
-                raise ComponentFailed(model, "serves no LoRA adapters (the default UNet without control does)")
+                raise ComponentFailed(model, "serves no LoRA adapters (the default UNet, with or without control, does)")
             return self.base.denoise(model, sample, timestep, text_embeddings, **extra)
         slots, scales = self.rows(len(sample), adapters)
-        return self.runtime.run({"sample": sample, "timestep": timestep, "encoder_hidden_states": text_embeddings,
-                                 "adapter_slots": slots, "adapter_scales": scales})["noise_pred"]
+        return runtime.run({**inputs, "adapter_slots": slots, "adapter_scales": scales})["noise_pred"]
 
     def rows(self, count: int, adapters) -> tuple[np.ndarray, np.ndarray]:
         """Per-row (slot, scale) pairs, (count, per_request); slot 0 = no adapter."""

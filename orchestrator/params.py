@@ -50,6 +50,7 @@ class Limits:
     max_lora: int = 0  # adapters a request may name (registry lora.max_per_request); 0: the server has none
     min_lora_scale: float = -2.0
     max_lora_scale: float = 2.0
+    lora_with_controlnet: bool = False  # the controlled UNet has the adapter slots too (lora and control served)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Limits":
@@ -299,8 +300,8 @@ def _lora(value, limits: Limits, unet: str, controlnet: str | None = None) -> tu
         raise InvalidRequest("lora", f"names {len(pairs)} adapters; {form}")
     if unet != "default":
         raise InvalidRequest("lora", f"applies to unet 'default' only; the request asks for unet '{unet}'")
-    if controlnet is not None:  # the controlled UNet has no adapter slots (yet)
-        raise InvalidRequest("lora", "is not served together with controlnet; send one or the other")
+    if controlnet is not None and not limits.lora_with_controlnet:
+        raise InvalidRequest("lora", "is not served together with controlnet on this server; send one or the other")
     out, seen = [], set()
     for name, scale in pairs:
         if not isinstance(name, str) or not name:

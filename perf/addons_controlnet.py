@@ -68,9 +68,11 @@ def diffusers_folder(repo: Path) -> Path:
 
 def reference_image(folder: Path, prompt: str, seed: int, steps: int, guidance_scale: float = 7.5,
                     height: int = 64, width: int = 64, negative_prompt: str = "", scheduler: str = "euler",
-                    controlnet: str | None = None, image: np.ndarray | None = None, scale: float = 1.0) -> np.ndarray:
+                    controlnet: str | None = None, image: np.ndarray | None = None, scale: float = 1.0,
+                    lora: tuple = ()) -> np.ndarray:
     """diffusers' own pipeline for one request: StableDiffusionControlNetPipeline with the ControlNet model folder
-    `controlnet` (under `folder`), else StableDiffusionPipeline; (H, W, 3) uint8 as the server rounds it."""
+    `controlnet` (under `folder`), else StableDiffusionPipeline; (H, W, 3) uint8 as the server rounds it.
+    `lora`: (adapter, scale) pairs (triffusion.lora.Adapter) merged into the pipeline's UNet weights first."""
     import torch
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
@@ -89,6 +91,10 @@ def reference_image(folder: Path, prompt: str, seed: int, steps: int, guidance_s
     else:
         pipe, extra = StableDiffusionPipeline.from_pretrained(str(folder), **options), {}
     pipe.set_progress_bar_config(disable=True)
+    for adapter, adapter_scale in lora:
+        from triffusion import lora as lora_module
+
+        lora_module.merge(pipe.unet, adapter, adapter_scale)
     pipe.scheduler = SCHEDULER_CLASSES[scheduler].from_config(pipe.scheduler.config)
     out = pipe(prompt=prompt, negative_prompt=negative_prompt, height=height, width=width, num_inference_steps=steps,
                guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed), output_type="np", **extra)

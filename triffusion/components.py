@@ -250,15 +250,8 @@ def _modules() -> dict[str, type]:
             self.layout = residual_layout(unet.config)
 
         def forward(self, sample, timestep, encoder_hidden_states, residuals):
-            height, width = sample.shape[2], sample.shape[3]
-            parts, offset = [], 0
-            for channels, stride in self.layout:
-                h, w = height // stride, width // stride
-                size = channels * h * w
-                parts.append(residuals[:, offset:offset + size].reshape(-1, channels, h, w).to(sample.dtype))
-                offset = offset + size
-            return self.unet(sample, timestep, encoder_hidden_states, down_block_additional_residuals=parts[:-1],
-                             mid_block_additional_residual=parts[-1], return_dict=False)[0]
+            return self.unet(sample, timestep, encoder_hidden_states, **unpack_residuals(self.layout, residuals, sample),
+                             return_dict=False)[0]
 
     return {TEXT_ENCODER: _TextEncoder, UNET: _UNetOutput, VAE_DECODER: _VaeDecode, CONTROLNET: _ControlNet,
             UNET_CONTROL: _ControlledUNet}
@@ -278,6 +271,19 @@ def residual_layout(config) -> tuple[tuple[int, int], ...]:
             layout.append((channels, 2 ** (i + 1)))
     layout.append((blocks[-1], 2 ** (len(blocks) - 1)))
     return tuple(layout)
+
+
+def unpack_residuals(layout, residuals, sample) -> dict:
+    """A ControlNet's flattened (rows, R) residuals as diffusers' UNet takes them, at the sample's latent
+    size: {down_block_additional_residuals: [...], mid_block_additional_residual: ...}."""
+    height, width = sample.shape[2], sample.shape[3]
+    parts, offset = [], 0
+    for channels, stride in layout:
+        h, w = height // stride, width // stride
+        size = channels * h * w
+        parts.append(residuals[:, offset:offset + size].reshape(-1, channels, h, w).to(sample.dtype))
+        offset = offset + size
+    return {"down_block_additional_residuals": parts[:-1], "mid_block_additional_residual": parts[-1]}
 
 
 def residual_width(layout, latent_hw: tuple[int, int]) -> int:

@@ -15,6 +15,7 @@ Text-encoder parts of a file are not applied (counted); layers that are not serv
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,9 +192,12 @@ def save_adapter(adapter: Adapter, path: str | Path) -> Path:
     for module, (down, up) in adapter.layers.items():
         tensors[f"unet.{module}.lora_A.weight"] = down.contiguous()
         tensors[f"unet.{module}.lora_B.weight"] = up.contiguous()
-    save_file(tensors, str(path), metadata={"format": "pt", "triffusion": json.dumps(
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")  # a served repository's loader never sees half a file
+    save_file(tensors, str(partial), metadata={"format": "pt", "triffusion": json.dumps(
         {"name": adapter.name, "source_format": adapter.source_format})})
-    return Path(path)
+    os.replace(partial, path)
+    return path
 
 
 def random_state_dict(unet, rank: int = 4, seed: int = 0, fmt: str = "diffusers", std: float = 0.05,
@@ -340,12 +344,16 @@ def _unet_class():
             self.unet = unet
             object.__setattr__(self, "bank", bank)
             self.skip_empty = skip_empty
+            self.layout = None  # with ControlNets: their residuals' layout (`control` below)
 
-        def forward(self, sample, timestep, encoder_hidden_states, adapter_slots, adapter_scales):
+        def forward(self, sample, timestep, encoder_hidden_states, adapter_slots, adapter_scales, residuals=None):
+            from triffusion.components import unpack_residuals
+
             empty = self.skip_empty and not bool((adapter_slots > 0).any())
             self.bank.ctx = None if empty else (adapter_slots.long(), adapter_scales)
+            control = {} if residuals is None else unpack_residuals(self.layout, residuals, sample)
             try:
-                return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+                return self.unet(sample, timestep, encoder_hidden_states, **control, return_dict=False)[0]
             finally:
                 self.bank.ctx = None
 
@@ -383,6 +391,18 @@ def lora_runtime_from_module(unet, slots: int, max_rank: int, per_request: int, 
     return runtime, bank
 
 
+def control_runtime(runtime, layout, device: str = "cpu"):
+    """The adapter UNet of `runtime` (same module, same slots) taking a ControlNet's flattened residuals too:
+    requests with adapters and control share its calls with those that have either or none. Eager (no CUDA
+    graphs: the residuals' width varies with the latent size)."""
+    from triffusion import components
+    from triffusion.runtime import TorchRuntime
+
+    runtime.module.layout = tuple(tuple(x) for x in layout)
+    return TorchRuntime(runtime.module, (*runtime.input_names, "residuals"), runtime.output_names, device=device,
+                        integer_inputs=runtime.integer_inputs, fp32_inputs=runtime.fp32_inputs)
+
+
 # ---- serving ------------------------------------------------------------------------------------------
 def slots_for(cache_mib: float, per_slot_bytes: int, most: int = 64) -> int:
     """Adapter slots that fit in `cache_mib` MiB (at least one, at most `most`)."""
@@ -402,13 +422,26 @@ def serve(pipeline: dict, repository: str | Path, base_executor, *, observer=Non
                                  graph_shapes=parse_shapes(pipeline.get("graphs", {}).get(section["unet"], "")),
                                  convs=bool(section.get("convs", False)))
     dims = {module: (layer.lora_a.shape[2], layer.lora_b.shape[1]) for module, layer in bank.layers.items()}
-    adapters = section.get("adapters", {})
+    adapters = dict(section.get("adapters", {}))  # name -> entry; `follow` updates it (add-lora while serving)
 
     def load(name: str) -> Adapter:
-        return load_adapter(name, repository / adapters[name]["file"], dims=dims)
+        entry = adapters.get(name)
+        if entry is None:
+            raise AdapterError(f"adapter {name!r} is no longer registered")
+        return load_adapter(name, repository / entry["file"], dims=dims)
 
     residency = AdapterResidency(AdapterCache(section["slots"]), load, bank.install, observer=observer)
-    return AdapterExecutor(base_executor, section["unet"], runtime, residency, section["max_per_request"]), residency
+
+    def follow(entries: dict, replaced: set) -> None:
+        adapters.clear()
+        adapters.update(entries)
+        residency.invalidate(replaced)
+
+    residency.follow = follow  # RegisteredAdapters' on_change
+    control = pipeline.get("control") or {}  # ControlNets: the controlled UNet (same weights) gets the slots too
+    controlled = (control["unet"], control_runtime(runtime, control["layout"], device=device)) if control else None
+    return AdapterExecutor(base_executor, section["unet"], runtime, residency, section["max_per_request"],
+                           controlled=controlled), residency
 
 
 def parse_shapes(spec: str):

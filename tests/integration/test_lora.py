@@ -144,3 +144,30 @@ def test_more_adapters_than_slots_are_evicted_and_reloaded(lora_server):
     assert again.metadata["lora"]["wait_ms"] > 0
     assert metric(metrics, 'triffusion_adapter_cache_total{event="eviction"}') >= evictions + 1
     assert image_diff(first.array, again.array) == 0
+
+
+def test_an_adapter_added_or_replaced_while_serving_is_served_without_a_restart(lora_server, tmp_path):
+    """`add-lora` on the served repository: the next request may name the new adapter and gets its fused
+    image; `--force` replaces a file and the next request gets the new one. (Last here: it adds a name.)"""
+    url, repo = lora_server["grpc"], lora_server["repo"]
+    unet = UNet2DConditionModel.from_config(json.loads((ROOT / "export/configs/tiny/unet.json").read_text()))
+    with pytest.raises(GenerationError, match="INVALID_ARG: lora: 'mist' is not a registered adapter"):
+        generate("a harbour at dawn", url=url, lora="mist:0.8", **REQUEST)
+
+    def add(seed, *force):
+        path = tmp_path / f"mist-{seed}.safetensors"
+        save_file(lora.random_state_dict(unet, rank=4, seed=seed, std=0.15, alpha=4.0), path)
+        subprocess.run([sys.executable, "-m", "triffusion.export", "add-lora", "--repo", str(repo), "--name", "mist",
+                        "--file", str(path), *force], check=True)
+
+    add(11)
+    first = generate("a harbour at dawn", url=url, lora="mist:0.8", **REQUEST)
+    assert first.metadata["lora"]["adapters"] == [{"name": "mist", "scale": 0.8}]
+    expected = fused_reference(repo, {"prompt": "a harbour at dawn", **REQUEST, "lora": "mist:0.8"})
+    assert image_diff(first.array, expected) <= PARITY_TOLERANCE
+    add(12, "--force")
+    second = generate("a harbour at dawn", url=url, lora="mist:0.8", **REQUEST)
+    assert second.metadata["lora"]["cache"] == "miss"  # the replaced file was loaded again
+    expected = fused_reference(repo, {"prompt": "a harbour at dawn", **REQUEST, "lora": "mist:0.8"})
+    assert image_diff(second.array, expected) <= PARITY_TOLERANCE
+    assert image_diff(second.array, first.array) > 10 * PARITY_TOLERANCE  # the new file, not the old copy

@@ -2,12 +2,13 @@
 loads run on the loader thread, cancellation and failures of waiting requests, the per-row slot indices an
 executor sends, and the `lora` request field's validation."""
 
+import json
 import threading
 
 import numpy as np
 import pytest
 
-from triffusion.orchestrator.adapters import AdapterCache, AdapterExecutor, AdapterResidency
+from triffusion.orchestrator.adapters import AdapterCache, AdapterExecutor, AdapterResidency, RegisteredAdapters
 from triffusion.orchestrator.errors import Code, QueueFull, ServingError
 from triffusion.orchestrator.params import InvalidRequest, Limits, parse_params
 from triffusion.orchestrator.request import RequestState
@@ -259,8 +260,71 @@ def test_registry_lora_section_is_checked(lora, message):
     assert ok.families["t"].lora["adapters"] == {"a": "a.safetensors"}
 
 
-def test_lora_with_a_controlnet_is_refused_by_name():
+def test_lora_with_a_controlnet_is_refused_by_name_unless_the_controlled_unet_has_the_slots():
     limits = Limits(adapters=("a",), max_lora=1, controlnets=("canny",))
     image = np.zeros((64, 64, 3), np.uint8)
-    with pytest.raises(InvalidRequest, match="lora: is not served together with controlnet"):
-        parse_params({"prompt": "x", "lora": "a:1", "controlnet": "canny", "control_image": image}, limits)
+    request = {"prompt": "x", "lora": "a:1", "controlnet": "canny", "control_image": image}
+    with pytest.raises(InvalidRequest, match="lora: is not served together with controlnet on this server"):
+        parse_params(request, limits)
+    both = parse_params(request, Limits(adapters=("a",), max_lora=1, controlnets=("canny",), lora_with_controlnet=True))
+    assert both.lora == (("a", 1.0),) and both.controlnet == "canny"
+
+
+def test_the_adapter_executor_sends_controlled_rows_with_their_adapters_to_the_controlled_runtime():
+    class Runtime:
+        def __init__(self):
+            self.calls = []
+
+        def run(self, inputs):
+            self.calls.append(inputs)
+            return {"noise_pred": inputs["sample"]}
+
+    class Base:
+        def denoise(self, model, *args, **extra):
+            return ("base", model)
+
+    res = AdapterResidency(AdapterCache(2), None, None)
+    res.cache.reserve("a")
+    plain, controlled = Runtime(), Runtime()
+    executor = AdapterExecutor(Base(), "unet", plain, res, per_request=1, controlled=("unet_control", controlled))
+    sample, residuals = np.zeros((2, 4, 8, 8), np.float32), np.ones((2, 5), np.float32)
+    executor.denoise("unet_control", sample, np.zeros(2), np.zeros((2, 77, 8)), adapters=[(("a", 0.5),), ()],
+                     residuals=residuals)
+    call, = controlled.calls
+    assert not plain.calls and call["residuals"] is residuals
+    assert call["adapter_slots"].tolist() == [[1], [0]] and call["adapter_scales"].tolist() == [[0.5], [0.0]]
+    assert executor.denoise("unet_light", sample, None, None) == ("base", "unet_light")
+
+
+# ---- adapters registered while serving (add-lora on a served repository) ---------------------------
+def test_a_replaced_adapter_is_loaded_again_once_no_request_holds_the_old_copy():
+    res, loader, installed, submitted, done, _ = residency(slots=2)
+    loader.gate("a").set()
+    running = state("1", [("a", 1.0)])
+    res.admit(running)
+    wait_for(done, lambda: running in submitted)
+    res.invalidate({"a"})  # add-lora --force a: the running request keeps the copy it runs with
+    assert res.cache.slot_of("a") is not None and loader.started.count("a") == 1
+    res.release([running])
+    after = state("2", [("a", 1.0)])
+    res.admit(after)  # nothing holds the old copy: this one waits for the new file
+    assert after.adapter_cache == "miss"
+    wait_for(done, lambda: after in submitted)
+    assert loader.started.count("a") == 2
+
+
+def test_registered_adapters_follow_the_pipeline_file(tmp_path):
+    path = tmp_path / "pipeline.json"
+    entries = {"a": {"file": "adapters/a.safetensors", "sha256": "1"}}
+    path.write_text(json.dumps({"lora": {"adapters": entries}}))
+    changes = []
+    registered = RegisteredAdapters(path, LIMITS, entries, on_change=lambda e, r: changes.append((e, r)))
+    unchanged = registered.limits()
+    assert unchanged is LIMITS and registered.limits() is unchanged and not changes  # a stat, no read
+    grown = {"a": {"file": "adapters/a.safetensors", "sha256": "2"}, "zz": {"file": "adapters/zz.safetensors"}}
+    path.write_text(json.dumps({"lora": {"adapters": grown}}))
+    limits = registered.limits()
+    assert "zz" in limits.adapters and "a" in limits.adapters and changes == [(grown, {"a"})]
+    assert parse_params({"prompt": "x", "lora": "zz:0.5"}, limits).lora == (("zz", 0.5),)
+    path.write_text("{ half a file")  # never written so (add-lora replaces it whole), but never fatal
+    assert registered.limits() is limits and len(changes) == 1

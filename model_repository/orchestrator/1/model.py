@@ -16,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 from triffusion import lora
 from triffusion.bls import Deadlines, InProcessUNetExecutor, TritonExecutor, request_scalar, send
 from triffusion.channel import ChannelClosed, Listener, socket_path
+from triffusion.orchestrator.adapters import RegisteredAdapters
 from triffusion.orchestrator.config import OrchestratorConfig, build_engines, device_names, unets_of
 from triffusion.orchestrator.errors import InvalidRequest, ServingError
 from triffusion.orchestrator.metrics import MetricsObserver
@@ -79,9 +80,13 @@ class TritonPythonModel:
             executors = [executor]
         self.engine, self.limits = build_engines(self.config, pipeline, executors, profile=profile, observer=observer)
         self._submit = self.engine.submit
+        self.registered = None
         if self.adapters is not None:  # requests wait for their adapters before they reach the engine
             self.adapters.connect(self.engine.submit)
             self._submit = self.adapters.admit
+            # add-lora on the served repository: new names are served at once, replaced files reloaded
+            self.registered = RegisteredAdapters(version_dir / "pipeline.json", self.limits,
+                                                 pipeline["lora"].get("adapters"), on_change=self.adapters.follow)
         self.engine.start()
         self.listener = Listener(socket_path(os.getppid()), self._serve_front)
 
@@ -122,7 +127,8 @@ class TritonPythonModel:
             pass
 
     def _state(self, message: dict, sink) -> RequestState:
-        params = parse_params(message["params"], self.limits)  # checked again, as every other input
+        limits = self.registered.limits() if self.registered is not None else self.limits
+        params = parse_params(message["params"], limits)  # checked again, as every other input
         ids = np.asarray(message["input_ids"])
         if ids.shape != (2, 77) or ids.dtype != np.int64 or ids.min() < 0 or ids.max() >= self.vocab_size:
             raise InvalidRequest("input_ids", f"must be (2, 77) token ids below {self.vocab_size}")

@@ -17,6 +17,7 @@ import triton_python_backend_utils as pb_utils
 from triffusion import contract
 from triffusion.bls import is_cancelled, request_input, send, triton_error
 from triffusion.channel import ChannelClosed, connect, socket_path
+from triffusion.orchestrator.adapters import RegisteredAdapters
 from triffusion.orchestrator.errors import ComponentUnavailable, InvalidRequest, ServingError, ShuttingDown
 from triffusion.orchestrator.front import Front, dispatch
 from triffusion.orchestrator.params import Limits
@@ -103,6 +104,9 @@ class TritonPythonModel:
                            unary=not self.decoupled, max_inflight=int(params.get("max_inflight", "256")),
                            find_orchestrator=self.link.current, alive=self.link.alive, cancel=self._cancel)
         self.link.front = self.front
+        # add-lora on the served repository: the adapter names a request may give follow pipeline.json
+        self.registered = (RegisteredAdapters(orchestrator / "pipeline.json", self.front.limits,
+                                              pipeline["lora"].get("adapters")) if pipeline.get("lora") else None)
         self._stop = threading.Event()
         self.watchdog = threading.Thread(target=self._watch, name="triffusion-front-watchdog", daemon=True)
         self.watchdog.start()
@@ -113,6 +117,8 @@ class TritonPythonModel:
             sink = Sink(request)
             try:
                 raw = {n: v for n in self.input_names if (v := request_input(request, n)) is not None}
+                if self.registered is not None:
+                    self.front.limits = self.registered.limits()
                 params, ids = self.front.prepare(raw)
                 timeout_us = request.timeout()
                 inflight = self.front.accept(sink, stream=self.decoupled and params.stream,
