@@ -283,7 +283,8 @@ def bench(preset: str = "sd15-small", steps: int = 2, adapters: int = 20, rank: 
     def candidate(trace):
         executor = AdapterExecutor(RuntimeExecutor(text_encoder, {}, vae), "unet", runtime, None, per_request=1)
         engine, _ = build_engine(config, info, executor)
-        residency = AdapterResidency(AdapterCache(slots), lambda n: lora.load_adapter(n, files[n], dims=dims),
+        residency = AdapterResidency(AdapterCache(slots), lambda n: lora.load_adapter(n, files[n], dims=dims,
+                                                                                        unet_config=pipe.unet.config),
                                      bank.install, engine.submit)
         executor.residency = residency
         engine.start()

@@ -66,6 +66,12 @@ def test_kohya_and_diffusers_files_of_one_adapter_load_the_same(unet, tmp_path):
     for module in kohya.layers:
         for x, y in zip(kohya.layers[module], diffusers.layers[module]):
             assert torch.equal(x, y)
+    # the loader thread has the slots' dims and the UNet's config, not the UNet (perf.addons, lora.serve)
+    dims = lora.target_dims(unet)
+    by_dims = lora.load_adapter("k", tmp_path / "kohya.safetensors", dims=dims, unet_config=unet.config)
+    assert all(torch.equal(x, y) for m in kohya.layers for x, y in zip(kohya.layers[m], by_dims.layers[m]))
+    with pytest.raises(ValueError, match="a kohya adapter needs the UNet or its config"):
+        lora.load_adapter("k", tmp_path / "kohya.safetensors", dims=dims)
 
 
 def test_bad_files_are_refused_by_name(unet, tmp_path):

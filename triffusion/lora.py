@@ -160,8 +160,11 @@ def normalize(name: str, sd: dict[str, torch.Tensor], unet=None, *, dims: dict |
     with matching shapes."""
     dims = dims if dims is not None else target_dims(unet)
     fmt = source_format(sd)
-    raw, ignored = (_kohya_layers(sd, unet_config if unet_config is not None else unet.config) if fmt == "kohya"
-                    else _diffusers_layers(sd))
+    if unet_config is None and unet is not None:
+        unet_config = unet.config
+    if fmt == "kohya" and unet_config is None:  # kohya names map to modules through the UNet's block layout
+        raise ValueError("normalize: a kohya adapter needs the UNet or its config")
+    raw, ignored = _kohya_layers(sd, unet_config) if fmt == "kohya" else _diffusers_layers(sd)
     if not raw:
         raise AdapterError("has no UNet LoRA layers")
     layers = {}
@@ -180,8 +183,11 @@ def normalize(name: str, sd: dict[str, torch.Tensor], unet=None, *, dims: dict |
     return Adapter(name, layers, fmt, ignored)
 
 
-def load_adapter(name: str, path: str | Path, unet=None, *, dims: dict | None = None, convs: bool = False) -> Adapter:
-    return normalize(name, read_state_dict(path), unet, dims=dims if dims is not None else target_dims(unet, convs))
+def load_adapter(name: str, path: str | Path, unet=None, *, dims: dict | None = None, convs: bool = False,
+                 unet_config=None) -> Adapter:
+    """An adapter file for `unet`, or for its target `dims` (a kohya file also needs the UNet's config)."""
+    return normalize(name, read_state_dict(path), unet, dims=dims if dims is not None else target_dims(unet, convs),
+                     unet_config=unet_config)
 
 
 def save_adapter(adapter: Adapter, path: str | Path) -> Path:
@@ -428,7 +434,7 @@ def serve(pipeline: dict, repository: str | Path, base_executor, *, observer=Non
         entry = adapters.get(name)
         if entry is None:
             raise AdapterError(f"adapter {name!r} is no longer registered")
-        return load_adapter(name, repository / entry["file"], dims=dims)
+        return load_adapter(name, repository / entry["file"], dims=dims, unet_config=runtime.module.unet.config)
 
     residency = AdapterResidency(AdapterCache(section["slots"]), load, bank.install, observer=observer)
 
