@@ -419,7 +419,9 @@ def main(argv=None) -> int:
     result = bench(args.preset, steps=args.steps, requests=args.requests, slots=args.slots, slo_factor=args.slo_factor,
                    loads=tuple(float(r) for r in args.loads.split(",") if r))
     control = None if args.no_controlnet else controlnet_parity()
-    out = {"bench": "addons", "goodput_ratio_vs_merge": result["goodput_ratio_vs_merge"],
+    from perf.slo_proof import commit
+
+    out = {"bench": "addons", "commit": commit(), "goodput_ratio_vs_merge": result["goodput_ratio_vs_merge"],
            "lora_parity_ok": parity["ok"], "controlnet_parity_ok": control, "hit_rate": result["hit_rate"],
            "command": "python -m perf.addons " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads (shared CPU)",
