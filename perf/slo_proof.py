@@ -196,26 +196,53 @@ def point(served: Served, rate: float, seed: int, classes: dict, args, arrivals=
 
 
 def sweep(served: Served, classes: dict, args, predict=None) -> tuple[list[dict], float | None]:
-    """Poisson rates up by --step until attainment fell below TARGET twice in a row."""
+    """Poisson rates up by --step until attainment fell below TARGET twice in a row (down first, when the
+    first rate already missed it: see crossing)."""
     start = args.start_rate if SYSTEMS[served.system] is not None else args.baseline_start_rate
-    rows, rate, misses, limit = [], start, 0, None
-    while rate <= args.max_rate and misses < 2:
-        seed = args.seed + len(rows)
+
+    def run(rate: float, index: int) -> dict:
+        seed = args.seed + index
         prediction = predict(rate, seed) if predict else None  # made before the point runs
         row = point(served, rate, seed, classes, args)
         if prediction is not None:
             row["predicted"] = prediction
         if served.system == "full":
             row["controller"] = served.gauges("triffusion_controller")
-        rows.append(row)
         log(f"{served.system} {rate:.2f}/s: attainment {row['attainment']} goodput {row['goodput_rps']} "
             f"(met {row['met']} late {row['late']} rejected {row['rejected']} error {row['error']} lost {row['lost']})")
-        if row["attainment"] is not None and row["attainment"] >= TARGET:
+        return row
+
+    return crossing(run, start, args.step, args.max_rate)
+
+
+def crossing(run, start: float, step: float, max_rate: float, down_steps: int = 8) -> tuple[list[dict], float | None]:
+    """The rates a sweep runs and the limit it finds: up by `step` from `start` until two points missed TARGET;
+    the limit is the last rate that met it before the first miss. When the first point already misses (a
+    start above the limit, e.g. the previous replica count's), down by `step` until one meets it (at most
+    `down_steps`): that rate is the limit, and the point above it the measured miss. `run(rate, index)` runs
+    one point and returns its row (with `attainment`)."""
+    rows, rate, misses, limit = [], start, 0, None
+
+    def met(row) -> bool:
+        return row["attainment"] is not None and row["attainment"] >= TARGET
+
+    while rate <= max_rate and misses < 2:
+        row = run(rate, len(rows))
+        rows.append(row)
+        if met(row):
             if misses == 0:
                 limit = rate
         else:
             misses += 1
-        rate = round(rate * args.step, 3)
+            if len(rows) == 1:  # above the limit from the start: find the crossing below
+                for _ in range(down_steps):
+                    rate = round(rate / step, 3)
+                    row = run(rate, len(rows))
+                    rows.append(row)
+                    if met(row):
+                        return rows, rate
+                return rows, None
+        rate = round(rate * step, 3)
     return rows, limit
 
 

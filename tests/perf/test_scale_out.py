@@ -37,3 +37,27 @@ def test_cluster_prediction_splits_heavy_gpus_off_only_where_there_are_several()
     for row in (one["controller"]["in_place"], four["escalation"]["in_place"], split):
         assert 0.0 <= row["attainment"] <= 1.0 and row["goodput_rps"] >= 0.0
     assert four["escalation"]["in_place"]["goodput_rps"] > one["escalation"]["in_place"]["goodput_rps"]
+
+
+def fake_server(limit):
+    """Points that meet the target up to `limit` req/s; the rates run, in order."""
+    ran = []
+
+    def run(rate, index):
+        ran.append(rate)
+        return {"attainment": 1.0 if rate <= limit else 0.9}
+    return run, ran
+
+
+def test_a_sweep_goes_up_to_two_misses_and_down_when_it_starts_above_the_limit():
+    from perf.slo_proof import crossing
+
+    run, ran = fake_server(limit=10.0)
+    rows, limit = crossing(run, start=4.0, step=2.0, max_rate=100)
+    assert ran == [4.0, 8.0, 16.0, 32.0] and limit == 8.0 and len(rows) == 4
+    # the 2-replica sweep starts at the 1-replica limit; a system below it is measured, not left without a limit
+    run, ran = fake_server(limit=5.0)
+    rows, limit = crossing(run, start=18.4, step=2.0, max_rate=100)
+    assert ran == [18.4, 9.2, 4.6] and limit == 4.6
+    run, ran = fake_server(limit=0.0)
+    assert crossing(run, start=8.0, step=2.0, max_rate=100, down_steps=3) == ([{"attainment": 0.9}] * 4, None)
