@@ -9,7 +9,8 @@ cluster, with and without the cascade split.
    tritonserver and every python stub inherit the affinity). HAProxy (triffusion.balancer: leastconn,
    /v2/health/ready checks) and this load generator are not pinned: they share both cores.
 3. Per replica count: a calibration point on the first replica (what the simulator learns the server's
-   speed from), then slo_proof.sweep through the balancer's gRPC port: Poisson rates up by --step until
+   speed from; with more replicas, the same point spread over them, so that every replica has served and
+   learned its speed before it is measured), then slo_proof.sweep through the balancer's gRPC port: Poisson rates up by --step until
    attainment (met / sent) fell below 99% twice; the max load at 99% is the last rate that met it before the
    first miss. A coarse sweep first (short points, x2 apart) brackets the 1-replica limit and the fine one starts
    at its last passing rate; the 2-replica sweep starts at the 1-replica limit, so both lie on one grid. Every point is
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
               "pinning": "replica i: `taskset -c cores[i] python -m triffusion.cli serve ...` (tritonserver and its "
                          "stubs inherit the affinity); haproxy and the load generator unpinned",
               "balancer": "haproxy (Debian), balance leastconn, option httpchk GET /v2/health/ready every 500 ms, "
-                          "fall 2 rise 2",
+                          "timeout check 2 s, fall 3 rise 2",
               "target": slo_proof.TARGET, "step": args.step, "min_requests": args.min_requests,
               "min_window_s": args.min_window_s, "mix": slo_proof.MIX, "full_config": slo_proof.FULL,
               "sweeps": {}, "max_load_at_99": {}, "simulator": {"validation": {}}}
@@ -290,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
                     report["calibration"] = {k: calib[k] for k in ("rate", "attainment", "goodput_rps", "sent")}
                     report["learned_profile"] = learned
                     model = slo_proof.Predictor(pipeline, exported, copy.deepcopy(learned), classes)
+                else:  # the replicas added since were never loaded: the same warm-up point, spread over them
+                    warm = slo_proof.point(cluster, 1.5 * args.start_rate * n, args.seed + 1000 + n, classes, args)
+                    report.setdefault("warmups", {})[str(n)] = {k: warm[k] for k in ("rate", "attainment", "goodput_rps",
+                                                                                    "sent")}
                 model.gpus = n
                 sweep_args = copy.copy(args)
                 # The next sweep starts at the previous count's limit (which it should meet), so both sweeps lie on
