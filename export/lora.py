@@ -80,7 +80,7 @@ def register(out: Path, info: dict, name: str, path: Path, unet=None, force: boo
 def add_lora(repo: Path, name: str, path: Path, force: bool = False, log=print) -> dict:
     """`add-lora`: register an adapter in a built repository; pipeline.json and the manifest follow, so a
     rebuild that finds the export up to date keeps it. A server serving the repository follows pipeline.json:
-the adapter is served from its next request, no restart (orchestrator.adapters.RegisteredAdapters)."""
+    the adapter is served from its next request, no restart (orchestrator.adapters.RegisteredAdapters)."""
     from .repository import write_pipeline
 
     repo = Path(repo)

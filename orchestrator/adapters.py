@@ -18,10 +18,9 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import replace
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np

@@ -401,7 +401,6 @@ def control_runtime(runtime, layout, device: str = "cpu"):
     """The adapter UNet of `runtime` (same module, same slots) taking a ControlNet's flattened residuals too:
     requests with adapters and control share its calls with those that have either or none. Eager (no CUDA
     graphs: the residuals' width varies with the latent size)."""
-    from triffusion import components
     from triffusion.runtime import TorchRuntime
 
     runtime.module.layout = tuple(tuple(x) for x in layout)
