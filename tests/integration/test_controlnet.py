@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -73,12 +74,19 @@ def test_control_and_plain_requests_share_the_unet_call_and_match_their_solo_run
     solo_plain = generate("a red bicycle", url=url, **plain)
     shared_before = metric(metrics, 'triffusion_unet_call_seconds_count{rows="4"}')
     controlled_before = metric(metrics, 'nv_inference_request_success{model="unet_control"')
-    # The plain request streams; once it is denoising, the control request joins it at a step boundary.
-    started = threading.Event()
-    handle = start_stream_generation("a red bicycle", url=url, on_progress=lambda step, steps: started.set(), **plain)
-    assert started.wait(120)
-    together_control = generate("a lighthouse on a cliff", url=url, **control)
-    together_plain = handle.result(timeout=120)
+    # Sent together: whichever reaches the engine second joins the other at a step boundary, long before the
+    # plain request's 30 steps end (sending the control request once the plain one reported a step raced it:
+    # on a loaded machine the plain request could finish first).
+    start = threading.Barrier(2)
+
+    def send(prompt, fields):
+        start.wait()
+        return generate(prompt, url=url, **fields)
+
+    with ThreadPoolExecutor(2) as pool:
+        control_future = pool.submit(send, "a lighthouse on a cliff", control)
+        plain_future = pool.submit(send, "a red bicycle", plain)
+        together_control, together_plain = control_future.result(timeout=120), plain_future.result(timeout=120)
     assert not together_plain.metadata["controlnet"] and together_control.metadata["controlnet"]["name"] == "canny"
     # Both rows of each CFG request in one call (4 rows) on the controlled UNet, zeros for the plain rows.
     assert metric(metrics, 'triffusion_unet_call_seconds_count{rows="4"}') > shared_before
