@@ -115,6 +115,9 @@ class AdapterResidency:
         self.expected_load_s = expected_load_s  # a running mean of load times: what admission charges
         self._parked: dict[str, Any] = {}  # loaded adapters that found every slot pinned
         self._stale: set[str] = set()  # replaced on disk while a request used them: reloaded once unpinned
+        # What RegisteredAdapters calls when pipeline.json's adapters change (entries, replaced names); set by
+        # triffusion.lora.serve, which owns the entries its loader reads.
+        self.follow: Callable[[dict, set], None] | None = None
         self.hits = self.misses = self.loads = 0
         self.load_seconds = 0.0
 
