@@ -141,12 +141,13 @@ def write_repository(out_dir: Path, pipeline: dict, *, runtime: str = "onnxrunti
     unets_elsewhere = config.unet_executor == "inprocess" and config.device.startswith("cuda")
     graphs = pipeline.get("graphs", {})
     gpu = device == "cuda"
+    cpu = {} if gpu else {"threads": str(config.threads), "spinning": config.spinning}
     for name, component in components.served(pipeline.get("unets", {}).values(), controlnets).items():
         artifact = Path(pipeline["artifacts"][name]).name
         if unets_elsewhere and name in unets:
             config_text = component_config(name, component, {"runtime": InOrchestrator.KIND, "artifact": artifact})
         else:
-            params = {"runtime": runtime, "artifact": artifact, "device": device}
+            params = {"runtime": runtime, "artifact": artifact, "device": device, **cpu}
             if graphs.get(name):
                 params["graph_shapes"] = graphs[name]  # CUDA graphs captured per bucket at load
             if gpu:  # GPU tensors reach the model as they are (DLPack), not copied to the host first
@@ -164,7 +165,7 @@ def write_repository(out_dir: Path, pipeline: dict, *, runtime: str = "onnxrunti
         _copy_adapter(contract.QUALITY_GATE, gate_dir)
         (gate_dir / "config.pbtxt").write_text(component_config(
             contract.QUALITY_GATE, components.QualityGate,
-            {"artifact": Path(pipeline["gate"]["artifact"]).name, "device": device}))
+            {"artifact": Path(pipeline["gate"]["artifact"]).name, "device": device, **cpu}))
     baselines = pipeline.get("baselines")
     if baselines:  # benchmarks compare against these in the same server
         for name, max_batch in ((contract.BASELINE_SEQUENTIAL, 0), (contract.BASELINE_BATCHING, baselines["max_batch"])):

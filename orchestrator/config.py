@@ -59,10 +59,16 @@ class OrchestratorConfig:
     # request placed by `placement` (orchestrator.placement). 1: the single-engine path.
     devices: int = 1
     placement: str = "least_finish"
+    # Every CPU session of the served repository (ONNX Runtime components, the gate's torch): intra-op threads
+    # (0: the cores in the process's CPU mask) and whether idle ONNX Runtime workers spin. A CPU server runs
+    # several models at once; one thread each served more than a spinning pool each (triffusion.runtime).
+    threads: int = 0
+    spinning: str = "on"
 
     def __post_init__(self):
         checks = {"policy": tuple(POLICIES), "hybrid": HYBRID, "unet_executor": UNET_EXECUTORS, "runtime": RUNTIMES,
-                  "admission": SWITCH, "auto_steps": SWITCH, "cascade_routing": SWITCH, "placement": tuple(PLACEMENTS)}
+                  "admission": SWITCH, "auto_steps": SWITCH, "cascade_routing": SWITCH, "placement": tuple(PLACEMENTS),
+                  "spinning": SWITCH}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"orchestrator parameter {name}: '{getattr(self, name)}' is unknown; "
@@ -70,7 +76,7 @@ class OrchestratorConfig:
         for name in ("max_active", "max_queue", "max_batch", "patch", "controller_gpus", "devices"):
             if getattr(self, name) < 1:
                 raise ValueError(f"orchestrator parameter {name}: {getattr(self, name)} is out of range; allowed >= 1")
-        for name in ("halo", "max_decode_batch", "max_encode_rows"):
+        for name in ("halo", "max_decode_batch", "max_encode_rows", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"orchestrator parameter {name}: {getattr(self, name)} is out of range; allowed >= 0")
         if not 0 <= self.admission_headroom < 1:

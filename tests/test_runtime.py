@@ -1,6 +1,10 @@
 """Runtime plumbing that needs no GPU: graph-bucket specs, which captured graph a batch pads into,
 and clear errors for a wrong artifact."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -85,3 +89,34 @@ def test_a_tensorrt_call_takes_the_first_profile_covering_its_shapes():
     assert runtime.profile_for({"sample": (16, 4, 64, 64)}) == 0
     with pytest.raises(OutsideProfiles, match="outside every profile"):
         runtime.profile_for({"sample": (32, 4, 64, 64)})
+
+
+_THREAD_MASKS = r'''
+import glob, os, sys
+import numpy as np, onnx
+from onnx import TensorProto, helper
+from triffusion.runtime import OnnxRuntime
+
+graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "g",
+                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, [256, 256]),
+                           helper.make_tensor_value_info("b", TensorProto.FLOAT, [256, 256])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [256, 256])])
+path = os.path.join(sys.argv[1], "matmul.onnx")
+onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+runtime = OnnxRuntime(path, spinning=False)
+runtime.run({"a": np.ones((256, 256), np.float32), "b": np.ones((256, 256), np.float32)})
+masks = {open(task + "/status").read().split("Cpus_allowed_list:")[1].split()[0]
+         for task in glob.glob(f"/proc/{os.getpid()}/task/*")}
+print(",".join(sorted(masks)))
+'''
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or not os.path.isdir("/proc/self/task"),
+                    reason="needs two cores and /proc to see a worker placed outside the process's CPU mask")
+def test_an_onnx_session_keeps_every_thread_inside_the_process_cpu_mask(tmp_path):
+    # Left to itself onnxruntime sized its pool by the machine and pinned a worker to core 1 in a process
+    # under `taskset -c 0`: a replica pinned to core 1 then shared its core with the other replica's worker.
+    out = subprocess.run([sys.executable, "-c", _THREAD_MASKS, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, preexec_fn=lambda: os.sched_setaffinity(0, {0}))  # as `taskset -c 0`
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "0"

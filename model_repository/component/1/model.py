@@ -41,6 +41,7 @@ class TritonPythonModel:
         self.runtime = create_runtime(params.get("runtime", "onnxruntime"),
                                       version_dir / params.get("artifact", "model.onnx"), device=device,
                                       threads=int(params.get("threads", "0")),
+                                      spinning=params.get("spinning", "on") == "on",
                                       graph_shapes=params.get("graph_shapes", ""))
         self.output_names = [o["name"] for o in config["output"]]
 

@@ -96,7 +96,8 @@ class TritonPythonModel:
             return TritonExecutor(self.deadlines)
         graphs = pipeline.get("graphs", {})
         load = lambda name: create_runtime(self.config.runtime, repository / pipeline["artifacts"][name],
-                                           device=device, graph_shapes=graphs.get(name, ""))
+                                           device=device, graph_shapes=graphs.get(name, ""),
+                                           threads=self.config.threads, spinning=self.config.spinning == "on")
         control = pipeline.get("control") or {}  # ControlNets and the controlled UNet run here too
         unets = {name: load(name) for name in [*self.unets.values(), *([control["unet"]] if control else [])]}
         controlnets = {name: load(name) for name in control.get("controlnets", {}).values()}

@@ -16,6 +16,10 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         version_dir = Path(args["model_repository"]) / args["model_version"]
+        if params.get("device", "cpu") == "cpu" and int(params.get("threads", "0")) > 0:
+            import torch
+
+            torch.set_num_threads(int(params["threads"]))  # the served repository's CPU threads (orchestrator config)
         self.gate = load_gate(version_dir / params.get("artifact", "gate.pt"), device=params.get("device", "cpu"))
 
     def execute(self, requests):
