@@ -11,6 +11,10 @@ to them, normally the light preset and `default`), at each step count, and score
 repository's own gate (the `quality_gate` Triton model over gRPC: image and prompt, as the orchestrator
 scores a light answer). For each (threshold, steps):
 
+With --escalate F,F,... instead of --thresholds, each step count gets the thresholds under which those
+fractions of its profiled light answers score (DiffServe picks its threshold by the fraction of queries
+to escalate): the options then spread over escalations whatever the gate's score scale.
+
     escalation  fraction of light answers whose score is below the threshold (the router escalates
                 score < threshold), so it never falls as the threshold rises
     quality     mean gate score of the answers the cascade returns: the light image where kept, the
@@ -135,6 +139,14 @@ def operating_points(light: dict[int, np.ndarray], heavy: dict[int, np.ndarray],
                             "quality": round(float(max(answered.mean(), 0.0)), 6),
                             "light_s": _sig(light_s[steps]), "heavy_s": _sig(heavy_s[steps])})
     return options
+
+
+def escalation_thresholds(scores, fractions: Sequence[float]) -> list[float]:
+    """Thresholds escalating each fraction of these light-answer scores (orchestrator.gate.calibrate_threshold),
+    clipped to the registry's 0..1."""
+    from triffusion.orchestrator.gate import calibrate_threshold
+
+    return sorted({min(max(calibrate_threshold(np.asarray(scores), f), 0.0), 1.0) for f in fractions})
 
 
 def _sig(seconds: float) -> float:
@@ -290,6 +302,7 @@ def run(args) -> dict:
     repo = Path(args.repo)
     steps_list = _parse(args.steps, int, "--steps", 1, 1000)
     thresholds = _parse(args.thresholds, float, "--thresholds", 0.0, 1.0)
+    fractions = _parse(args.escalate, float, "--escalate", 0.0, 1.0) if getattr(args, "escalate", None) else None
     if args.n < 1:
         raise ProfileError(f"--n {args.n}: expected at least 1")
     if args.retries < 0:
@@ -334,7 +347,12 @@ def run(args) -> dict:
         for steps in steps_list:
             light_s[steps], heavy_s[steps] = profile_seconds(profile, light_model, heavy_model, steps, height,
                                                              width, rows)
-    options = operating_points(light_scores, heavy_scores, thresholds, light_s, heavy_s)
+    if fractions is not None:
+        options = [option for steps in steps_list for option in operating_points(
+            {steps: light_scores[steps]}, {steps: heavy_scores[steps]},
+            escalation_thresholds(light_scores[steps], fractions), light_s, heavy_s)]
+    else:
+        options = operating_points(light_scores, heavy_scores, thresholds, light_s, heavy_s)
     dearer = [steps for steps in steps_list if light_s[steps] > heavy_s[steps]]
     if dearer:  # a cascade only pays when its light model is the cheaper one
         source = f"{repo / PROFILE_JSON}'s times" if profile is not None else "the measured times"
@@ -397,6 +415,8 @@ def _parser() -> OneLineParser:
     ap.add_argument("--repo", default="build/model_repository", help="a built model repository with a cascade")
     ap.add_argument("--steps", default="10,20", help="step counts (the controller's step budgets)")
     ap.add_argument("--thresholds", default="0.3,0.4,0.5,0.6,0.7", help="gate thresholds")
+    ap.add_argument("--escalate", help="instead of --thresholds: escalation fractions; at each step count the "
+                    "threshold under which that fraction of the profiled light answers score (DiffServe's way)")
     ap.add_argument("--n", type=int, default=64, help="prompts per model and step count")
     ap.add_argument("--prompts", default=str(PROMPTS_PATH), help="one prompt per line")
     ap.add_argument("--seed", type=int, default=0, help="prompt i gets seed + i on both models")

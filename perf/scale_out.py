@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sim-window-s", type=float, default=20.0)
     ap.add_argument("--sim-escalation", type=float, default=0.3, help="cluster prediction: escalated light answers")
     ap.add_argument("--profile-n", type=int, default=6)
+    ap.add_argument("--gate-n", type=int, default=48, help="without --repo: as perf.slo_proof's")
+    ap.add_argument("--cascade-n", type=int, default=24, help="without --repo: as perf.slo_proof's")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)

@@ -354,10 +354,12 @@ def prepare(workdir: Path, args) -> Path:
     log("profile: step-quality curves and the entropy stop per SLO class")
     run("perf.profile_steps", "--repo", str(repo), "--steps", "2,4,6,8,10,14,20,30", "--n", str(args.profile_n),
         "--write", "--out", str(workdir / "profile_steps.json"))
-    if (ROOT / "perf" / "profile_cascade.py").exists():
-        log("profile: the cascade's operating points")
-        run("perf.profile_cascade", "--repo", str(repo), "--steps", "12,20", "--thresholds", "0.3,0.45,0.55,0.7",
-            "--n", str(args.profile_n), "--out", str(workdir / "profile_cascade.json"), "--write")
+    log("gate: trained on the cascade's own answers (heavy = real, light = generated)")
+    run("perf.train_gate", "--repo", str(repo), "--n", str(args.gate_n), "--steps", "20",
+        "--out", str(workdir / "train_gate.json"), "--write")
+    log("profile: the cascade's operating points (thresholds by escalation fraction)")
+    run("perf.profile_cascade", "--repo", str(repo), "--steps", "12,20", "--escalate", "0,0.25,0.5,0.75",
+        "--n", str(args.cascade_n), "--out", str(workdir / "profile_cascade.json"), "--write")
     return repo
 
 
@@ -373,6 +375,20 @@ def commit() -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
+def orchestrator_sets(items: list[str]) -> dict[str, str]:
+    """`--set KEY=VALUE` items as orchestrator parameters, each checked against OrchestratorConfig."""
+    from triffusion.orchestrator.config import OrchestratorConfig
+
+    sets = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"'{item}' is not KEY=VALUE")
+        sets[key] = value
+    config = OrchestratorConfig.from_parameters(sets)  # unknown keys and bad values are named
+    return {key: getattr(config, key) for key in sets}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = OneLineParser(prog="python -m perf.slo_proof", description=__doc__.splitlines()[0])
     ap.add_argument("--systems", default=",".join(SYSTEMS))
@@ -384,10 +400,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-window-s", type=float, default=8.0)
     ap.add_argument("--timeout-s", type=float, default=60.0, help="a request unanswered this long is lost")
     ap.add_argument("--profile-n", type=int, default=6)
+    ap.add_argument("--gate-n", type=int, default=48, help="prompts the gate is trained on (both models answer)")
+    ap.add_argument("--cascade-n", type=int, default=24, help="prompts per model and step count in the cascade profile")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repo", help="a repository prepared by an earlier run (skips export and profiling)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an orchestrator parameter for every served system of the run, over the full config")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    try:
+        FULL.update(orchestrator_sets(args.set))
+    except ValueError as exc:
+        ap.error(f"--set: {exc}")
     systems = [s for s in args.systems.split(",") if s]
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
@@ -401,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
               "command": "python -m perf.slo_proof " + " ".join(argv if argv is not None else sys.argv[1:]),
               "target": TARGET, "mix": MIX, "slo_classes": classes, "full_config": FULL, "systems": {},
               "step_quality": pipeline.get("step_quality"), "auto_stop": pipeline.get("auto_stop"),
-              "cascade": pipeline.get("cascade")}
+              "cascade": pipeline.get("cascade"), "gate": pipeline.get("gate")}
     limits: dict[str, float | None] = {}
     for system in systems:
         log(f"system {system}")

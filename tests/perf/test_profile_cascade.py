@@ -3,6 +3,7 @@ command on a tiny cascade repository served by the real server."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perf.profile_cascade import (ProfileError, _parse, controller_blocked, operating_points, profile_seconds,
-                                  request_names, write_options)
+from perf.profile_cascade import (ProfileError, _parse, controller_blocked, escalation_thresholds, operating_points,
+                                  profile_seconds, request_names, write_options)
 from triffusion.orchestrator.config import OrchestratorConfig, cascade_of
 from triffusion.orchestrator.predictor import LatencyPredictor
 from triffusion.orchestrator.registry import _check_options, parse_registry
@@ -124,6 +125,16 @@ def test_says_when_the_orchestrators_config_keeps_the_controller_off(tmp_path):
     assert controller_blocked(tmp_path) == "its cascade_routing parameter is off"
 
 
+def test_escalation_fractions_become_thresholds_that_escalate_exactly_that_fraction():
+    scores = np.array([0.02, 0.9, 0.4, 0.1, 0.7, 0.3, 0.05, 0.6])
+    thresholds = escalation_thresholds(scores, [0.0, 0.25, 0.5, 1.0])
+    assert [float((scores < t).mean()) for t in thresholds] == [0.0, 0.25, 0.5, 1.0]
+    assert all(0.0 <= t <= 1.0 for t in thresholds)
+    options = operating_points({8: scores}, {8: scores + 0.05}, thresholds, {8: 0.1}, {8: 0.2})
+    assert [o["escalation"] for o in options] == [0.0, 0.25, 0.5, 1.0]
+    _check_options(options, "options")
+
+
 # ------------------------------------------------------------------------------------------ the command
 
 
@@ -171,3 +182,33 @@ def test_command_profiles_valid_options_and_writes_them_for_the_controller(casca
     _, _, controller = cascade_of(OrchestratorConfig(), pipeline)
     assert [o.threshold for o in controller.options] == [0.3, 0.5, 0.7]
     assert "controller uses them at its next load" in proc.stdout and "will not use them" not in proc.stderr
+
+
+@pytest.mark.server
+def test_a_gate_trained_on_the_repositorys_answers_gives_the_controller_options_to_trade(cascade_repository,
+                                                                                         tmp_path):
+    # The seeded random gate scores every answer alike; trained heavy (real) vs light (generated), the heavy
+    # model's answers score higher, so escalating more buys quality and the options differ in more than cost.
+    repo = tmp_path / "repo"
+    shutil.copytree(cascade_repository, repo, symlinks=True)
+    before = (repo / "quality_gate" / "1" / "gate.pt").read_bytes()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    trained = subprocess.run([sys.executable, "-m", "perf.train_gate", "--repo", str(repo), "--n", "8", "--steps", "4",
+                              "--sizes", "64", "--epochs", "40", "--out", str(tmp_path / "gate.json"), "--write"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    info = json.loads((tmp_path / "gate.json").read_text())
+    assert (info["trained_on"], info["held_out"]) == (6, 2) and 0.0 <= info["held_out_accuracy"] <= 1.0
+    assert (repo / "quality_gate" / "1" / "gate.pt").read_bytes() != before
+    pipeline = json.loads((repo / "orchestrator" / "1" / "pipeline.json").read_text())
+    assert pipeline["gate"]["trained"] is True and pipeline["gate"]["trained_by"] == "perf.train_gate"
+    out = tmp_path / "options.json"
+    profiled = subprocess.run([sys.executable, "-m", "perf.profile_cascade", "--repo", str(repo), "--steps", "4",
+                               "--escalate", "0,0.5,1", "--n", "8", "--out", str(out)],
+                              cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert profiled.returncode == 0, profiled.stderr[-3000:]
+    options = json.loads(out.read_text())  # scored by the served quality_gate, which loaded the new weights
+    _check_options(options, "options")
+    assert [o["escalation"] for o in options] == [0.0, 0.5, 1.0]
+    qualities = [o["quality"] for o in options]
+    assert qualities == sorted(qualities) and qualities[-1] > qualities[0] + 0.1, options

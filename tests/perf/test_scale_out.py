@@ -3,6 +3,8 @@ and without the cascade split, on the simulator fed a small synthetic profile.""
 
 import argparse
 
+import pytest
+
 from perf import scale_out
 
 PROFILE = {"unet": [[m, s, s, r, t * (0.6 if m == "unet_lite" else 1.0) * (s / 64) ** 2 * (1 + 0.4 * r)]
@@ -61,3 +63,14 @@ def test_a_sweep_goes_up_to_two_misses_and_down_when_it_starts_above_the_limit()
     assert ran == [18.4, 9.2, 4.6] and limit == 4.6
     run, ran = fake_server(limit=0.0)
     assert crossing(run, start=8.0, step=2.0, max_rate=100, down_steps=3) == ([{"attainment": 0.9}] * 4, None)
+
+
+def test_set_items_become_checked_orchestrator_parameters():
+    from perf.slo_proof import orchestrator_sets
+
+    assert orchestrator_sets(["threads=1", "spinning=off", "admission_headroom=0.15"]) == {
+        "threads": 1, "spinning": "off", "admission_headroom": 0.15}
+    for bad, named in (("thread=1", "unknown orchestrator parameter"), ("threads=two", "threads: 'two'"),
+                       ("spinning=maybe", "spinning: 'maybe'"), ("threads", "not KEY=VALUE")):
+        with pytest.raises(ValueError, match=named):
+            orchestrator_sets([bad])
