@@ -133,11 +133,15 @@ def replica_kill(cluster: Cluster, rate: float, classes: dict, args) -> dict:
     thread = threading.Thread(target=load)
     thread.start()
     time.sleep(args.kill_at_s)  # the kill is due at a time of the run, not on an event
-    held = cluster.balancer.servers()[victim.name]["scur"]
+    stats = cluster.balancer.servers()[victim.name]
+    held, placed_before = stats["scur"], stats["stot"]
     killed = time.monotonic()
     victim.kill()
     cluster.balancer.wait_status(victim.name, "DOWN", 30)
     down_s = time.monotonic() - killed
+    # Requests HAProxy put on the victim after the SIGKILL and before it marked it down: its connections stay
+    # open until the kernel has torn the process down, and a stream sent on one then fails.
+    placed_while_dying = cluster.balancer.servers()[victim.name]["stot"] - placed_before
     victim.start()
     victim.wait_ready(600)
     ready = time.monotonic()
@@ -153,12 +157,14 @@ def replica_kill(cluster: Cluster, rate: float, classes: dict, args) -> dict:
               and not (r.message or "").startswith("timeout")]
     before = [r for r in failed if r.sent_s is not None and r.sent_s < kill_at]
     fail_ms = sorted((r.finished_s - max(r.sent_s, kill_at)) * 1000 for r in before)
+    after_ms = sorted(round((r.sent_s - kill_at) * 1000, 1) for r in failed if r not in before and r.sent_s is not None)
     sent = len(result.records)
     return {
         "rate": rate, "duration_s": args.kill_duration_s, "sent": sent, **counts,
         "attainment": round(counts["met"] / sent, 4) if sent else None,
         "hung": counts["lost"], "failed": len(failed), "failed_sent_before_kill": len(before),
         "failed_sent_after_kill": len(failed) - len(before), "in_flight_on_killed": held,
+        "failed_sent_after_kill_ms_after": after_ms, "placed_on_killed_while_dying": placed_while_dying,
         "failure_reasons": sorted({r.reason for r in failed}),
         "failed_within_ms_of_kill_max": round(fail_ms[-1], 1) if fail_ms else None,
         "kill_at_s": round(kill_at, 2), "marked_down_after_s": round(down_s, 2),
