@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     classes = pipeline["limits"]["slo_classes"]
     exported = json.loads((repo / contract.ORCHESTRATOR / "1" / "profile.json").read_text())
     report = {"bench": "scale_out", "device": device_name("cpu"), "date": time.strftime("%Y-%m-%d"),
+              "commit": slo_proof.commit(),
               "command": "python -m perf.scale_out " + " ".join(argv if argv is not None else sys.argv[1:]),
               "pinning": "replica i: `taskset -c cores[i] python -m triffusion.cli serve ...` (tritonserver and its "
                          "stubs inherit the affinity); haproxy and the load generator unpinned",
