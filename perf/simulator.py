@@ -396,9 +396,9 @@ def scheduler_factory(profile: dict | None, policy: str = "edf", max_active: int
     a fresh LoadController from `controller()` (if given). `options` go to StepScheduler as they are."""
     create_policy(policy)  # an unknown policy fails here, by name
     models = sorted({row[0] for row in profile.get("unet", [])}) if profile else []
+    served = {key: options.pop(key) for key in ("hybrid", "admission_headroom") if key in options}  # config fields
     config = OrchestratorConfig(max_active=max_active, max_queue=max_queue, max_batch=max_batch, policy=policy,
-                                best_effort_s=best_effort_s, patch=patch, halo=halo,
-                                **({"hybrid": options.pop("hybrid")} if "hybrid" in options else {}))
+                                best_effort_s=best_effort_s, patch=patch, halo=halo, **served)
 
     def make(cascade: Cascade | None = None) -> StepScheduler:
         scheduler = build_scheduler(config, profile=profile, models=models, entropy=entropy, cascade=cascade,

@@ -74,3 +74,25 @@ def test_set_items_become_checked_orchestrator_parameters():
                        ("spinning=maybe", "spinning: 'maybe'"), ("threads", "not KEY=VALUE")):
         with pytest.raises(ValueError, match=named):
             orchestrator_sets([bad])
+
+
+def test_the_proof_reports_every_controller_decision_seen_during_its_points():
+    from perf.slo_proof import ControllerWatch, summarize
+
+    watch = ControllerWatch.__new__(ControllerWatch)  # the summary of samples, without a server to poll
+    watch.samples = [(0.5, {"threshold": 0.58, "steps": 20, "demand_rps": 4.0, "expected_escalation": 0.75}),
+                     (1.0, {"threshold": 0.58, "steps": 20, "demand_rps": 9.0, "expected_escalation": 0.75}),
+                     (2.5, {"threshold": 0.56, "steps": 12, "demand_rps": 21.0, "expected_escalation": 0.25})]
+    during = watch.summary()
+    assert during["samples"] == 3
+    assert [(d["threshold"], d["steps"], d["first_s"], d["samples"], d["demand_rps_max"]) for d in during["decisions"]] \
+        == [(0.58, 20, 0.5, 2, 9.0), (0.56, 12, 2.5, 1, 21.0)]
+    low = {"rate": 4.0, "attainment": 1.0, "goodput_rps": 4.0,
+           "controller_during": {"decisions": during["decisions"][:1]}}
+    high = {"rate": 21.0, "attainment": 1.0, "goodput_rps": 20.0, "controller_during": during}
+    report = {"systems": {"full": {"sweep": [low, high]}}}
+    controller = summarize(report, {"full": 21.0})["controller"]
+    assert controller["changed_with_load"] is True
+    assert [(d["threshold"], d["at_rates"]) for d in controller["decisions"]] == [(0.58, [4.0, 21.0]), (0.56, [21.0])]
+    report["systems"]["full"]["sweep"] = [low]
+    assert summarize(report, {"full": 4.0})["controller"]["changed_with_load"] is False
