@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=48, help="prompts (each answered by both models)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--sizes", default="64,128", help="image sides, the prompts split evenly among them")
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompts", default=str(PROMPTS_PATH), help="one prompt per line")
     ap.add_argument("--timeout-s", type=float, default=120.0)
