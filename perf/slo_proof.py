@@ -55,8 +55,10 @@ REGISTRY = ROOT / "registry.example.yaml"
 TARGET = 0.99
 # The served configuration of the full system. On this CPU: every ONNX Runtime session on one thread (the server
 # runs several models at once on two cores: two processes with a two-thread pool each ran a UNet step 57 times
-# a second each, 114 with one thread each; triffusion.runtime), and admission headroom 0.1 (with the thread fix,
-# 0.2 refused Poisson clusters at half the capacity while no admitted request ran late at 2x or 3x overload).
+# a second each, 114 with one thread each; triffusion.runtime), and admission headroom 0.1 (full-system runs
+# with the thread fix, 2026-12-02: at 0.2 it refused a request at 10.8/s and then met 100% at 15.1/s, and no
+# admitted request ran late in bursts or at 2x and 3x overload; at 0.1 it met 99% up to 21.1/s, still with
+# no admitted request late anywhere).
 FULL = {"policy": "edf", "hybrid": "auto", "max_active": 8, "max_queue": 64, "max_batch": 16,
         "controller_interval_s": 2.0, "threads": 1, "admission_headroom": 0.1}
 SYSTEMS = {
