@@ -371,22 +371,29 @@ def run(args) -> dict:
     return {"options": options, "info": info}
 
 
-def write_options(repo: Path, options: list[dict]) -> list[Path]:
-    """Into pipeline.json (what the orchestrator loads) and the export manifest's copy of the pipeline."""
+def update_pipeline(repo: Path, section: str, change) -> list[Path]:
+    """`change(section)` applied to pipeline.json's `section` (what the orchestrator loads) and to the export
+    manifest's copy of the pipeline (an up-to-date re-run of the export rewrites pipeline.json from it); the
+    files written."""
     written = []
     path = repo / PIPELINE_JSON
     pipeline = json.loads(path.read_text())
-    pipeline["cascade"]["options"] = options
+    change(pipeline[section])
     path.write_text(json.dumps(pipeline, indent=2, sort_keys=True, default=str))  # as export writes it
     written.append(path)
     manifest_path = repo / MANIFEST_JSON
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
-        if (manifest.get("pipeline") or {}).get("cascade"):
-            manifest["pipeline"]["cascade"]["options"] = options
+        if (manifest.get("pipeline") or {}).get(section):
+            change(manifest["pipeline"][section])
             manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             written.append(manifest_path)
     return written
+
+
+def write_options(repo: Path, options: list[dict]) -> list[Path]:
+    """The options into the cascade section of pipeline.json and of the export manifest's pipeline."""
+    return update_pipeline(repo, "cascade", lambda cascade: cascade.update(options=options))
 
 
 def _parse(text: str, kind, flag: str, low: float, high: float) -> list:

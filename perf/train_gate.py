@@ -22,15 +22,13 @@ options' escalations and qualities are the gate's.
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from perf.cli import OneLineParser, write_json
-from perf.profile_cascade import (MANIFEST_JSON, PIPELINE_JSON, ProfileError, generate_all, read_pipeline,
-                                  request_names, serving)
+from perf.profile_cascade import ProfileError, generate_all, read_pipeline, request_names, serving, update_pipeline
 from perf.workloads import PROMPTS_PATH, WorkloadError, load_prompts
 from triffusion import contract
 
@@ -85,19 +83,7 @@ def write_gate(repo: Path, model, info: dict) -> list[Path]:
     written = [save_gate(model, repo / GATE_REL, source="perf.train_gate: heavy (real) vs light (generated)",
                          steps=info["steps"], n=info["n"], held_out_accuracy=info["held_out_accuracy"])]
     note = {"trained": True, "trained_by": "perf.train_gate", "held_out_accuracy": info["held_out_accuracy"]}
-    path = repo / PIPELINE_JSON
-    pipeline = json.loads(path.read_text())
-    pipeline["gate"].update(note)
-    path.write_text(json.dumps(pipeline, indent=2, sort_keys=True, default=str))  # as export writes it
-    written.append(path)
-    manifest_path = repo / MANIFEST_JSON
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if (manifest.get("pipeline") or {}).get("gate"):
-            manifest["pipeline"]["gate"].update(note)
-            manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            written.append(manifest_path)
-    return written
+    return written + update_pipeline(repo, "gate", lambda gate: gate.update(note))
 
 
 def main(argv: list[str] | None = None) -> int:
