@@ -33,7 +33,7 @@ def cpu_threads() -> int:
 class OnnxRuntime:
     """onnxruntime session; CUDA provider first where onnxruntime-gpu is installed and asked for.
 
-    The intra-op thread count is always set: left at 0, onnxruntime (1.23, measured on a 2-core host)
+    The intra-op thread count is always set: left at 0, onnxruntime (1.31.1, measured on a 2-core host)
     sizes its pool by the machine's cores and pins each worker to a core of its own choosing, outside the
     process's CPU mask: a process under `taskset -c 0` then ran its worker on core 1, and two replicas
     pinned to cores 0 and 1 ran at 75 and 36 steps/s where each ran at 121 with the count set to its mask.
