@@ -45,7 +45,12 @@ def run(args) -> dict:
         raise ProfileError(f"{repo} serves a {gate.get('kind', 'missing')} gate; only a discriminator is trained")
     if args.n < 4:
         raise ProfileError(f"--n {args.n}: expected at least 4 (a quarter is held out)")
-    sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
+    try:
+        sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
+    except ValueError:
+        raise ProfileError(f"--sizes {args.sizes}: expected comma-separated image sides (e.g. 64,128)") from None
+    if not sizes or min(sizes) < 8:
+        raise ProfileError(f"--sizes {args.sizes}: expected image sides of 8 or more")
     light_name, heavy_name = request_names(pipeline)
     light_model, heavy_model = pipeline["cascade"]["light"], pipeline["cascade"]["heavy"]
     prompts = list(itertools.islice(itertools.cycle(load_prompts(args.prompts)), args.n))

@@ -35,7 +35,7 @@ class OnnxRuntime:
 
     The intra-op thread count is always set: left at 0, onnxruntime (1.31.1, measured on a 2-core host)
     sizes its pool by the machine's cores and pins each worker to a core of its own choosing, outside the
-    process's CPU mask: a process under `taskset -c 0` then ran its worker on core 1, and two replicas
+    process's CPU mask: a process under `taskset -c 0` then ran its worker on core 1, and two processes
     pinned to cores 0 and 1 ran at 75 and 36 steps/s where each ran at 121 with the count set to its mask.
     `spinning` off stops idle workers from busy-waiting, which costs the other sessions on a shared CPU:
     two unpinned processes of two threads each ran at 57 steps/s spinning, 87 not, and 114 with one thread
