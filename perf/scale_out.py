@@ -157,7 +157,7 @@ def replica_kill(cluster: Cluster, rate: float, classes: dict, args) -> dict:
               and not (r.message or "").startswith("timeout")]
     before = [r for r in failed if r.sent_s is not None and r.sent_s < kill_at]
     fail_ms = sorted((r.finished_s - max(r.sent_s, kill_at)) * 1000 for r in before)
-    after_ms = sorted(round((r.sent_s - kill_at) * 1000, 1) for r in failed if r not in before and r.sent_s is not None)
+    after_ms = sorted(round((r.sent_s - kill_at) * 1000, 1) for r in failed if r.sent_s is not None and r.sent_s >= kill_at)
     sent = len(result.records)
     return {
         "rate": rate, "duration_s": args.kill_duration_s, "sent": sent, **counts,

@@ -331,8 +331,7 @@ class Predictor:
         self.make = scheduler_factory(profile, FULL["policy"], FULL["max_active"], FULL["max_queue"], FULL["max_batch"],
                                       threshold=cascade.get("threshold", 0.5), controller=controller, entropy=entropy,
                                       hybrid=FULL["hybrid"], step_quality=pipeline.get("step_quality"),
-                                      **({"admission_headroom": FULL["admission_headroom"]}
-                                         if "admission_headroom" in FULL else {}))
+                                      admission_headroom=FULL["admission_headroom"])
         self.cascade, self.options = cascade, options
         self.auto_stop, self.classes = pipeline.get("auto_stop") or {}, classes
 
