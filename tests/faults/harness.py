@@ -20,6 +20,7 @@ from triffusion.client.api import error_message, infer_inputs
 
 PATHS = ("grpc_stream", "grpc_unary", "http")
 HANG_S = 90.0  # an answer later than this is a hang
+CONNECTION_LOST = ("Socket closed", "Stream removed", "Connection reset by peer")
 
 
 @dataclass
@@ -34,6 +35,12 @@ class Outcome:
     @property
     def code(self) -> str | None:
         return None if self.error is None else self.error.partition(":")[0].strip()
+
+    @property
+    def connection_lost(self) -> bool:
+        """The process holding the request died: gRPC reports the dropped connection in one of these words,
+        depending on whether the socket was closed or reset when the client read it."""
+        return self.error is not None and any(m in self.error for m in CONNECTION_LOST)
 
 
 def send(server, path: str, **fields) -> Outcome:
