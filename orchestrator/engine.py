@@ -93,6 +93,7 @@ class Engine:
         """The latency model learned so far (profile.json's format) and the measured/predicted iteration scale."""
         with self._cv:
             return {**self.scheduler.predictor.to_profile(), "iteration_scale": self.scheduler.iteration_scale,
+                    "side_share": self.scheduler.side_share,
                     "forecast_bias": dict(self.scheduler.forecast_bias),
                     "stop_fraction": {f"{model}/{level}": round(v, 4)
                                       for (model, level), v in sorted(self.scheduler.stop_fraction.items())}}

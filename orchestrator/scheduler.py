@@ -22,6 +22,8 @@ from .stepping import EntropyStop
 
 __all__ = ["Cascade", "Plan", "QueueFull", "Rejected", "RunnerOutput", "StepScheduler", "Update"]
 
+SIDE_STAGES = ("encode", "decode", "gate")  # what the runner runs beside the UNet calls (its side thread)
+
 
 @dataclass
 class Plan:
@@ -126,6 +128,13 @@ class StepScheduler:
         # UNet-only prediction misses (sampler updates, Python, a side stage competing for the same
         # cores) scales admission. Encode and decode are excluded: they are predicted on their own.
         self.iteration_scale = 1.0
+        # Of an iteration with side stages (encode, decode, the gate: the runner's side thread) beside its UNet
+        # calls, how much of the shorter of the two did not overlap the longer (EWMA of such iterations): the
+        # iteration lasts max(unet, side) + side_share * min(unet, side). 0 where the side stages run beside the
+        # UNet (a GPU and a free core); measured close to 1 on the 2-core CPU host, whose cores the UNet, the
+        # VAE, the text encoder and the fronts all share (perf/results/cpu-tiny/slo_proof.json, the full
+        # system's learned_profile).
+        self.side_share = 0.0
         # Measured / forecast latency of finished requests, per service level (EWMA): what the forecast's
         # structure misses (requests that arrive later and overtake a waiting one under EDF, encode and
         # decode on the shared cores) scales every forecast duration of that level.
@@ -284,6 +293,15 @@ class StepScheduler:
             ratio = min(max(seconds / predicted, 0.5), 5.0)  # one stall must not close admission
             self.iteration_scale = (1 - alpha) * self.iteration_scale + alpha * ratio
 
+    def observe_side(self, states, seconds: float, side: float, alpha: float = 0.1) -> None:
+        """An iteration in which `states` advanced one step while side stages took `side` seconds (their calls,
+        measured) took `seconds`: learn how much of the side stages and UNet calls did not overlap."""
+        unet = self.iteration_time(states) * self.iteration_scale
+        if unet <= 0 or side <= 0 or seconds <= 0:
+            return
+        share = min(max((seconds - max(unet, side)) / min(unet, side), 0.0), 1.0)
+        self.side_share = (1 - alpha) * self.side_share + alpha * share
+
     @staticmethod
     def _level(state: RequestState) -> str:
         return state.params.slo_class or f"priority {state.params.priority}"
@@ -314,7 +332,8 @@ class StepScheduler:
         slots in policy order, every iteration advances all of them by one step at the predicted time of
         that iteration's batches (measured/predicted scale included). The side stages hold the loop too: a
         joining request spends one iteration being encoded, finished ones are decoded (and a cascade's light
-        answers scored) during the next one, and an iteration lasts as long as the longer of the two."""
+        answers scored) during the next one, and an iteration lasts as long as the longer of the two plus the
+        measured share of the shorter that does not overlap it (`side_share`)."""
         active = [[s, self._expected_left(s) + (0 if s.encoded else 1)] for s in self.running]
         queue = self.waiting if extra is None else self.waiting + [extra]
         queue = self.policy.order(queue, now)
@@ -331,7 +350,7 @@ class StepScheduler:
             side += self._encode_time(joined)
             k = min(rem for _, rem in active)
             iteration = self.iteration_time([s for s, _ in active]) * self.iteration_scale
-            t += k * iteration + max(0.0, side - iteration)
+            t += k * iteration + max(0.0, side - iteration) + self.side_share * min(side, iteration)
             done = []
             for entry in active:
                 entry[1] -= k
@@ -485,8 +504,11 @@ class StepScheduler:
         # their own): what the UNet-only prediction misses (sampler updates, Python, the answers' sending).
         stepped = [s for s in plan.stepped if s in output.stepped]
         seconds = max(output.iteration_s, output.denoise_s)
-        if stepped and seconds > 0 and not (plan.encode or plan.decode or plan.gate):
-            self.observe_iteration(stepped, seconds)
+        if stepped and seconds > 0:
+            if not (plan.encode or plan.decode or plan.gate):
+                self.observe_iteration(stepped, seconds)
+            else:  # how far the side stages overlapped the UNet calls
+                self.observe_side(stepped, seconds, sum(t for stage, _, t in output.stages if stage in SIDE_STAGES))
         return update
 
     def _heavy_in_time(self, state: RequestState, now: float) -> bool:

@@ -91,9 +91,42 @@ def check_profile(profile) -> None:
         if not (isinstance(row, list) and len(row) == 3 and row[0] in STAGES
                 and _is_int(row[1]) and row[1] > 0 and _is_num(row[2]) and row[2] >= 0):
             raise ValueError(f"profile.stages[{i}]: {row!r} is not [stage ({', '.join(STAGES)}), size, seconds]")
+    share = profile.get("side_share", 0.0)
+    if not (_is_num(share) and 0.0 <= share <= 1.0):
+        raise ValueError(f"profile.side_share: {share!r} is not allowed; allowed a number from 0 to 1")
     for stage in ("encode", "decode"):
         if not any(row[0] == stage for row in stages):
             raise ValueError(f"profile.stages: no '{stage}' entry; without one its time would be a guess")
+
+
+def served_profile(exported: dict, learned: dict) -> tuple[dict, dict]:
+    """The profile to simulate the served system on: the export's profile (each call timed alone) overridden
+    by what the server learned while serving (`learned`: its engine's profile, an EWMA of the calls it timed
+    seeded from the export's), with the learned iteration scale folded into the UNet times and the learned
+    `side_share`, forecast bias and stop fractions kept. Every entry the server never timed (its learned value is still the export's) is scaled
+    by the geometric mean of served / alone over the entries it did time, per kind (UNet calls, side
+    stages): on a host whose cores the models and the fronts share, served calls run slower than alone, and
+    the batch sizes only heavy load reaches would otherwise look that much cheaper than the ones it timed.
+    Returns the profile and the scales {"unet": s, "stages": s} (1.0 for a kind with nothing timed)."""
+    profile, scales = {}, {}
+    for kind, width in (("unet", 4), ("stages", 2)):
+        alone = {tuple(row[:width]): row[width] for row in exported.get(kind, [])}
+        served = {tuple(row[:width]): row[width] for row in learned.get(kind, [])}
+        timed = {key: t for key, t in served.items() if key not in alone or t != alone[key]}
+        ratios = [t / alone[key] for key, t in timed.items() if alone.get(key, 0) > 0 and t > 0]
+        scale = math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else 1.0
+        merged = {key: t * scale for key, t in alone.items()}
+        merged.update({key: t for key, t in served.items() if key in timed})
+        scales[kind] = round(scale, 4)
+        profile[kind] = [[*key, t] for key, t in sorted(merged.items())]
+    iteration = learned.get("iteration_scale", 1.0)
+    profile["unet"] = [[*row[:4], row[4] * iteration] for row in profile["unet"]]
+    profile["side_share"] = learned.get("side_share", 0.0)
+    for key in ("forecast_bias", "stop_fraction"):  # the scheduler's learned state, for scheduler_factory
+        if learned.get(key):
+            profile[key] = dict(learned[key])
+    check_profile(profile)
+    return profile, scales
 
 
 class LatencyModel:
@@ -109,6 +142,9 @@ class LatencyModel:
         self._predictor.seed(profile)
         self.models = frozenset(row[0] for row in profile["unet"])
         self.noise, self.seed = float(noise), seed
+        # How much of an iteration's side stages and UNet calls do not overlap (the server's learned
+        # `side_share`, as its engine's profile reports it); 0: the side stages run beside the UNet.
+        self.side_share = float(profile.get("side_share", 0.0))
 
     @classmethod
     def from_file(cls, path, noise: float = 0.0, seed: int = 0) -> "LatencyModel":
@@ -166,6 +202,7 @@ class SimRequest:
     guidance_scale: float = 7.5
     min_steps: int | None = None
     min_quality: float | None = None  # an SLO class's quality floor (needs the scheduler's step profiles)
+    slo_class: str | None = None  # the served SLO class it names (the scheduler learns per class, as the server)
     escalate: bool | None = None  # cascade: True/False decides; None draws with the escalation rate
     # step_mode auto: the evaluations after which the latent settles (the simulated entropy stays flat
     # from there); the scheduler's entropy stop then ends the request there, or where its thresholds
@@ -195,6 +232,8 @@ class SimRequest:
             bad("min_steps", f"None or 1..{self.steps}")
         if self.min_quality is not None and not (_is_num(self.min_quality) and 0 <= self.min_quality <= 1):
             bad("min_quality", "None or a number in 0..1")
+        if self.slo_class is not None and not (isinstance(self.slo_class, str) and self.slo_class):
+            bad("slo_class", "None or a class name")
         if self.escalate is not None and not isinstance(self.escalate, bool):
             bad("escalate", "None, true or false")
         if self.steps_run is not None and not (_is_int(self.steps_run) and self.steps_run >= 1):
@@ -405,6 +444,12 @@ def scheduler_factory(profile: dict | None, policy: str = "edf", max_active: int
                                     threshold=threshold,
                                     controller=controller() if cascade is not None and controller is not None else None,
                                     **options)
+        if profile:  # what a server's engine learned (its profile()), as that server would go on with it
+            scheduler.side_share = float(profile.get("side_share", 0.0))
+            scheduler.forecast_bias.update(profile.get("forecast_bias") or {})
+            for key, fraction in (profile.get("stop_fraction") or {}).items():
+                model, _, level = key.partition("/")
+                scheduler.stop_fraction[(model, level)] = fraction
         return scheduler
 
     return make
@@ -557,14 +602,18 @@ class SimulatedRunner:
 
     def _sum(self, times: list[float]) -> float:
         """The iteration's duration. As the runner pipelines them, the side stages (encode, decode, gate) run
-        beside the UNet calls, and the iteration lasts as long as the longer of the two."""
+        beside the UNet calls, and the iteration lasts as long as the longer of the two, plus the share of
+        the shorter that the host does not overlap (the profile's `side_share`: 0 on a GPU with a free core,
+        close to 1 on a CPU host whose cores both kinds of call share)."""
         unet = side = 0.0
         for i in self._canon:  # the plan's order does not change the sum, not even in its last bit
             if self.calls[i][0] == "unet":
                 unet += times[i]
             else:
                 side += times[i]
-        return max(unet, side) if unet > 0 else side
+        if unet <= 0:
+            return side
+        return max(unet, side) + self.latency.side_share * min(unet, side)
 
     def durations(self, plan: Plan, k: int) -> list[float]:
         """The durations of the next k executions of `plan`, without consuming the noise stream."""
@@ -621,6 +670,7 @@ class SimulatedRunner:
                 else:
                     out.stages.append((kind, key, seconds))
             out.denoise_s = denoise
+            out.iteration_s = self._sum(times)  # the whole iteration, as the engine measures it
         return out
 
     def _entropy(self, state: _SimState) -> float:
@@ -781,7 +831,8 @@ class _Replay:
         r = self.requests[index]
         params = GenerationParams(prompt="", height=r.height, width=r.width, steps=r.steps,
                                   guidance_scale=r.guidance_scale, slo_ms=r.slo_ms, priority=r.priority,
-                                  min_steps=r.min_steps, step_mode=r.step_mode, min_quality=r.min_quality)
+                                  min_steps=r.min_steps, step_mode=r.step_mode, min_quality=r.min_quality,
+                                  slo_class=r.slo_class)
         return _SimState(request_id=f"q{index}", params=params, sink=_SINK, input_ids=None,
                          model=model or r.model, received=received, cascade=self.inplace and model is None,
                          index=index)

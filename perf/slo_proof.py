@@ -301,6 +301,19 @@ def crossing(run, start: float, step: float, max_rate: float, down_steps: int = 
     return rows, limit
 
 
+def sweep_rates(start: float, step: float, max_rate: float, down_steps: int = 8) -> list[float]:
+    """Every rate a sweep from `start` may run (crossing's rounding), down and up."""
+    rates, rate = [start], start
+    for _ in range(down_steps):
+        rate = round(rate / step, 3)
+        rates.append(rate)
+    rate = start
+    while rate <= max_rate:
+        rate = round(rate * step, 3)
+        rates.append(rate)
+    return rates
+
+
 # ---- simulator ------------------------------------------------------------------------------------
 class Predictor:
     """The simulator, fed profiles measured before the runs it predicts and the trace of each point."""
@@ -309,19 +322,15 @@ class Predictor:
     heavy_gpus = 0  # of them, serving only the cascade's heavy model (DiffServe's split); 0: cascades in place
 
     def __init__(self, pipeline: dict, exported: dict, learned: dict, classes: dict):
-        from perf.simulator import LatencyModel, scheduler_factory
+        from perf.simulator import LatencyModel, scheduler_factory, served_profile
         from triffusion.orchestrator.cascade import LoadController, options_from
 
-        # The export's profile, overridden by what the server learned in the calibration run, with the
-        # iteration overhead it measured (sampler steps, Python) folded into the UNet times.
-        scale = learned.pop("iteration_scale", 1.0)
-        learned.pop("forecast_bias", None)  # the simulated scheduler learns its own
-        unet = {tuple(row[:4]): row[4] for row in exported["unet"]}
-        unet.update({tuple(row[:4]): row[4] for row in learned["unet"]})
-        stages = {tuple(row[:2]): row[2] for row in exported["stages"]}
-        stages.update({tuple(row[:2]): row[2] for row in learned["stages"]})
-        profile = {"unet": [[*key, t * scale] for key, t in sorted(unet.items())],
-                   "stages": [[*key, t] for key, t in sorted(stages.items())]}
+        # The export's profile, overridden by what the server learned in the calibration run (the iteration
+        # overhead it measured folded into the UNet times, the side stages' measured overlap kept), and the
+        # entries it never timed scaled by what serving cost over timing alone on the ones it did
+        # (served_profile). The scheduler's learned state (forecast bias per class, stop fractions) seeds the
+        # simulated one, which learns on from there as the server's does. No parameter is fit to a load point.
+        profile, self.served_scales = served_profile(exported, learned)
         self.latency = LatencyModel(profile)
         cascade = pipeline.get("cascade") or {}
         options = cascade.get("options") or []
@@ -349,7 +358,8 @@ class Predictor:
             steps_run = max(1, round(stop["fraction"] * r["steps"])) if stop else None
             sims.append(SimRequest(arrival=t, height=r["height"], width=r["width"], steps=r["steps"],
                                    slo_ms=r["slo_ms"], priority=level.get("priority", 0), step_mode="auto",
-                                   model=light, min_quality=level.get("min_quality"), steps_run=steps_run))
+                                   model=light, min_quality=level.get("min_quality"), steps_run=steps_run,
+                                   slo_class=r["slo_class"]))
         spec = CascadeSpec(light, self.cascade.get("heavy", contract.UNET),
                            escalation_rate=self._escalation(), seed=seed,
                            heavy_gpus=self.heavy_gpus) if self.cascade else None
@@ -470,6 +480,11 @@ def main(argv: list[str] | None = None) -> int:
         FULL.update(orchestrator_sets(args.set))
     except ValueError as exc:
         ap.error(f"--set: {exc}")
+    near = [r for r in sweep_rates(args.start_rate, args.step, args.max_rate)
+            if abs(r - args.calibration_rate) <= 0.01 * args.calibration_rate]
+    if args.calibration_rate <= 0 or near:  # the simulator must not learn from a rate it then predicts
+        ap.error(f"--calibration-rate: {args.calibration_rate:g} is not allowed; allowed a rate > 0 that the full "
+                 "system's sweep does not run" + (f" (it runs {near[0]:g})" if near else ""))
     systems = [s for s in args.systems.split(",") if s]
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
@@ -503,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
                 entry["calibration"]["iteration_scale"] = learned.get("iteration_scale")
                 exported = json.loads((repo / contract.ORCHESTRATOR / "1" / "profile.json").read_text())
                 model = Predictor(pipeline, exported, dict(learned), classes)
+                entry["calibration"]["served_scales"] = model.served_scales
+                entry["calibration"]["side_share"] = learned.get("side_share")
                 predict = lambda rate, seed: model(rate, seed, args)
             rows, limit = sweep(served, classes, args, predict)
             limits[system] = limit

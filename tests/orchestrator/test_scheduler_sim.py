@@ -319,3 +319,50 @@ def test_admission_scales_by_measured_over_predicted_iteration_time():
         scheduler.add(request(1, slo_ms=1500), now=0.0)
     scheduler.observe_iteration([request(9, None)], seconds=100.0)  # one stall moves it a bounded step
     assert scheduler.iteration_scale < 2.0 * 0.8 + 5.0 * 0.2 + 1e-9
+
+
+def test_the_forecast_adds_the_measured_share_of_side_stages_that_does_not_overlap():
+    """With side_share 1 (side stages and UNet calls on the same cores, one after the other) an iteration with
+    a side stage lasts the sum of the two; with 0, the longer of the two (the test above)."""
+    predictor = LatencyPredictor()
+    predictor.seed({"unet": [["unet", 64, 64, rows, 0.125 * rows / 2] for rows in range(1, 17)],
+                    "stages": [["encode", 2, 0.0625], ["decode", 64 * 64, 0.5]]})
+    scheduler = StepScheduler(max_active=1, predictor=predictor)
+    scheduler.side_share = 1.0
+    first, second = make_slo_state(1, 100_000), make_slo_state(2, 100_000)
+    scheduler.add(first, now=0.0)
+    scheduler.add(second, now=0.0)
+    finish = scheduler.forecast(0.0)
+    # first: its encode iteration costs 0.125 + 0.0625, then 10 steps, then its decode.
+    first_done = 0.125 + 0.0625 + 10 * 0.125
+    assert finish[first] == first_done + 0.5
+    # second's first iteration: its step (0.125) and first's decode + its own encode (0.5625), one after the other.
+    assert finish[second] == first_done + (0.125 + 0.5625) + 10 * 0.125 + 0.5
+
+
+def test_observe_side_learns_the_share_of_the_shorter_part_that_did_not_overlap():
+    scheduler = StepScheduler(predictor=exact_predictor())
+    running = [make_slo_state(1, None)]  # one request: 2 UNet rows, 0.125 s predicted
+    for _ in range(80):
+        scheduler.observe_side(running, seconds=0.125 + 0.0625, side=0.0625)  # one after the other
+    assert scheduler.side_share == pytest.approx(1.0, abs=1e-3)
+    for _ in range(80):
+        scheduler.observe_side(running, seconds=0.125, side=0.0625)  # beside the UNet: hidden
+    assert scheduler.side_share == pytest.approx(0.0, abs=1e-3)
+    before = scheduler.side_share
+    scheduler.observe_side(running, seconds=50.0, side=0.0625)  # a stall counts as 1, one EWMA step
+    assert scheduler.side_share == pytest.approx(0.9 * before + 0.1)
+
+
+def test_an_engine_whose_side_stages_run_in_line_learns_a_side_share_near_one():
+    """The engine without pipelining runs encode and decode before the UNet calls of the same iteration, so
+    none of their time overlaps: what it learns, and reports in its profile (the simulator's input), is ~1."""
+    engine, clock = sim_engine(max_active=4)
+    for i in range(24):
+        assert submit(engine, make_state(i, steps=6, stream=False))
+        engine.step()
+        engine.step()
+    while engine.scheduler.has_work:
+        engine.step()
+    assert engine.scheduler.side_share > 0.9
+    assert engine.profile()["side_share"] == engine.scheduler.side_share

@@ -96,3 +96,15 @@ def test_the_proof_reports_every_controller_decision_seen_during_its_points():
     assert [(d["threshold"], d["at_rates"]) for d in controller["decisions"]] == [(0.58, [4.0, 21.0]), (0.56, [21.0])]
     report["systems"]["full"]["sweep"] = [low]
     assert summarize(report, {"full": 4.0})["controller"]["changed_with_load"] is False
+
+
+def test_the_calibration_rate_cannot_be_a_rate_the_sweep_predicts(tmp_path, capsys):
+    from perf.slo_proof import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "x.json"), "--start-rate", "2", "--step", "1.4", "--calibration-rate", "3.92"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--calibration-rate: 3.92 is not allowed; allowed a rate > 0 that the full system's sweep "
+                        "does not run (it runs 3.92)") and "\n" not in err
+    assert not (tmp_path / "x.json").exists()

@@ -339,3 +339,41 @@ def test_cli_sweeps_gpus_and_rates_and_validates(tmp_path):
     assert two["12"]["requests"] > 1.5 * one["12"]["requests"]
     row = report["validation"]["rates"]["12"]["attainment"]
     assert row["rel_error"] == pytest.approx(abs(one["12"]["attainment"] - 0.5) / 0.5)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_side_stages_beside_unet_calls_add_the_profiles_share_of_the_shorter(share):
+    """side_share 0: an iteration with a side stage lasts the longer of it and the UNet calls (a GPU host);
+    1: their sum (a CPU host whose cores both share). Hand-computed timeline, max_active 2."""
+    make = lambda: StepScheduler(max_active=2, policy=create_policy("fcfs"))
+    result = simulate([request(0.0, steps=3), request(0.1, steps=3)], 1, make,
+                      LatencyModel({**flat_profile(), "side_share": share}))
+    # first: its encode alone, a step, a step beside second's encode, a step with second, then its decode
+    # beside second's second step; second: its last step, then its decode alone.
+    first = ENCODE + STEP + (STEP + share * ENCODE) + STEP + (DECODE + share * STEP)
+    assert [r.finish for r in result.records] == [first, first + STEP + DECODE]
+
+
+def test_served_profile_scales_what_the_server_never_timed_by_what_serving_cost_on_what_it_did():
+    exported = {"unet": [["unet", 64, 64, r, 0.01 * r] for r in (1, 2, 4, 8)],
+                "stages": [["encode", 2, 0.002], ["decode", 4096, 0.004], ["decode", 16384, 0.016]]}
+    learned = {"unet": [["unet", 64, 64, 1, 0.02], ["unet", 64, 64, 2, 0.08], ["unet", 64, 64, 4, 0.04],
+                        ["unet", 64, 64, 8, 0.08]],  # rows 1 and 2 timed (x2, x4), 4 and 8 still the export's
+               "stages": [["encode", 2, 0.002], ["decode", 4096, 0.012], ["decode", 16384, 0.016]],
+               "iteration_scale": 1.5, "side_share": 0.25, "forecast_bias": {"interactive": 1.1},
+               "stop_fraction": {"unet/interactive": 0.7}}
+    profile, scales = simulator.served_profile(exported, learned)
+    assert scales == {"unet": pytest.approx(8 ** 0.5, abs=1e-4), "stages": 3.0}  # reported to 4 places
+    unet = {row[3]: row[4] for row in profile["unet"]}
+    assert unet[1] == pytest.approx(0.02 * 1.5) and unet[2] == pytest.approx(0.08 * 1.5)  # timed: as learned
+    assert unet[4] == pytest.approx(0.04 * 8 ** 0.5 * 1.5) and unet[8] == pytest.approx(0.08 * 8 ** 0.5 * 1.5)
+    stages = {tuple(row[:2]): row[2] for row in profile["stages"]}
+    assert stages[("decode", 4096)] == 0.012 and stages[("encode", 2)] == pytest.approx(0.006)
+    assert profile["side_share"] == 0.25 and profile["forecast_bias"] == {"interactive": 1.1}
+    # the scheduler a simulator makes from it starts where the server's was
+    scheduler = simulator.scheduler_factory(profile)()
+    assert scheduler.side_share == 0.25 and scheduler.forecast_bias == {"interactive": 1.1}
+    assert scheduler.stop_fraction == {("unet", "interactive"): 0.7}
+    assert LatencyModel(profile).side_share == 0.25
+    with pytest.raises(ValueError, match=r"profile.side_share: 1.5 is not allowed; allowed a number from 0 to 1"):
+        LatencyModel({**profile, "side_share": 1.5})
