@@ -131,9 +131,9 @@ class StepScheduler:
         # Of an iteration with side stages (encode, decode, the gate: the runner's side thread) beside its UNet
         # calls, how much of the shorter of the two did not overlap the longer (EWMA of such iterations): the
         # iteration lasts max(unet, side) + side_share * min(unet, side). 0 where the side stages run beside the
-        # UNet (a GPU and a free core); measured close to 1 on the 2-core CPU host, whose cores the UNet, the
-        # VAE, the text encoder and the fronts all share (perf/results/cpu-tiny/slo_proof.json, the full
-        # system's learned_profile).
+        # UNet (a GPU and a free core); 0.25-0.34 measured on the 2-core CPU host, whose cores the UNet, the
+        # VAE, the text encoder and the fronts all share (perf/results/cpu-tiny/slo_proof.json: the full
+        # system's calibration.side_share).
         self.side_share = 0.0
         # Measured / forecast latency of finished requests, per service level (EWMA): what the forecast's
         # structure misses (requests that arrive later and overtake a waiting one under EDF, encode and

@@ -103,8 +103,8 @@ def served_profile(exported: dict, learned: dict) -> tuple[dict, dict]:
     """The profile to simulate the served system on: the export's profile (each call timed alone) overridden
     by what the server learned while serving (`learned`: its engine's profile, an EWMA of the calls it timed
     seeded from the export's), with the learned iteration scale folded into the UNet times and the learned
-    `side_share`, forecast bias and stop fractions kept. Every entry the server never timed (its learned value is still the export's) is scaled
-    by the geometric mean of served / alone over the entries it did time, per kind (UNet calls, side
+    `side_share`, forecast bias and stop fractions kept. Every entry the server never timed (its learned
+    value is still the export's) is scaled by the geometric mean of served / alone over the entries it did time, per kind (UNet calls, side
     stages): on a host whose cores the models and the fronts share, served calls run slower than alone, and
     the batch sizes only heavy load reaches would otherwise look that much cheaper than the ones it timed.
     Returns the profile and the scales {"unet": s, "stages": s} (1.0 for a kind with nothing timed)."""
