@@ -195,6 +195,12 @@ class LoadController:
     _arrivals: int = 0
     last: Decision | None = None
 
+    def __post_init__(self):
+        # The solver's import (about 0.3-0.5 s) here, when the model loads: the first decision runs inside the
+        # scheduler's lock, with admissions waiting on it.
+        if self.options:
+            import scipy.optimize  # noqa: F401
+
     def observe_arrival(self, now: float) -> None:
         if self._window_start is None:
             self._window_start = now

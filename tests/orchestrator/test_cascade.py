@@ -212,3 +212,19 @@ def test_more_demand_lowers_quality_or_escalation():
     low, high = choose(options, demand=0.5, gpus=2), choose(options, demand=2.5, gpus=2)
     assert low.option.threshold == 0.7 and high.option.threshold == 0.3
     assert choose(options, demand=100, gpus=2) is None
+
+
+def test_a_controller_with_options_imports_its_solver_when_made_not_at_its_first_decision():
+    """The first decision runs under the scheduler's lock; the solver's import (0.3-0.5 s) must not."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from triffusion.orchestrator.cascade import LoadController, Option\n"
+            "assert 'scipy.optimize' not in sys.modules\n"
+            "LoadController([])\n"
+            "assert 'scipy.optimize' not in sys.modules\n"
+            "LoadController([Option(threshold=0.5, steps=20, escalation=0.3, quality=0.6, light_s=0.05, heavy_s=0.08)])\n"
+            "assert 'scipy.optimize' in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
