@@ -187,10 +187,10 @@ def cluster_prediction(pipeline: dict, exported: dict, learned: dict, classes: d
 
     cascade = pipeline.get("cascade") or {}
     options = options_from(cascade.get("options") or [])
-    served = slo_proof.Predictor(pipeline, exported, copy.deepcopy(learned), classes)
+    served = slo_proof.Predictor(pipeline, exported, learned, classes)
     fixed_pipeline = copy.deepcopy(pipeline)
     fixed_pipeline.setdefault("cascade", {})["options"] = []  # no controller: the escalation is fixed
-    fixed = slo_proof.Predictor(fixed_pipeline, exported, copy.deepcopy(learned), classes)
+    fixed = slo_proof.Predictor(fixed_pipeline, exported, learned, classes)
     fixed._escalation = lambda: args.sim_escalation
     steps = max(o.steps for o in options) if options else 20
     point = next((o for o in options if o.steps == steps), None)
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                     learned["stages"] = [row for row in learned.get("stages", []) if row[0] in ("encode", "decode")]
                     report["calibration"] = {k: calib[k] for k in ("rate", "attainment", "goodput_rps", "sent")}
                     report["learned_profile"] = learned
-                    model = slo_proof.Predictor(pipeline, exported, copy.deepcopy(learned), classes)
+                    model = slo_proof.Predictor(pipeline, exported, learned, classes)
                 else:  # the replicas added since were never loaded: the same warm-up point, spread over them
                     warm = slo_proof.point(cluster, 1.5 * args.start_rate * n, args.seed + 1000 + n, classes, args)
                     report.setdefault("warmups", {})[str(n)] = {k: warm[k] for k in ("rate", "attainment", "goodput_rps",

@@ -104,9 +104,10 @@ def served_profile(exported: dict, learned: dict) -> tuple[dict, dict]:
     by what the server learned while serving (`learned`: its engine's profile, an EWMA of the calls it timed
     seeded from the export's), with the learned iteration scale folded into the UNet times and the learned
     `side_share`, forecast bias and stop fractions kept. Every entry the server never timed (its learned
-    value is still the export's) is scaled by the geometric mean of served / alone over the entries it did time, per kind (UNet calls, side
-    stages): on a host whose cores the models and the fronts share, served calls run slower than alone, and
-    the batch sizes only heavy load reaches would otherwise look that much cheaper than the ones it timed.
+    value is still the export's) is scaled by the geometric mean of served / alone over the entries it did
+    time, per kind (UNet calls, side stages): on a host whose cores the models and the fronts share, served
+    calls run slower than alone, and the batch sizes only heavy load reaches would otherwise look that much
+    cheaper than the ones it timed.
     Returns the profile and the scales {"unet": s, "stages": s} (1.0 for a kind with nothing timed)."""
     profile, scales = {}, {}
     for kind, width in (("unet", 4), ("stages", 2)):
@@ -604,7 +605,7 @@ class SimulatedRunner:
         """The iteration's duration. As the runner pipelines them, the side stages (encode, decode, gate) run
         beside the UNet calls, and the iteration lasts as long as the longer of the two, plus the share of
         the shorter that the host does not overlap (the profile's `side_share`: 0 on a GPU with a free core,
-        close to 1 on a CPU host whose cores both kinds of call share)."""
+        0.25-0.34 measured on the 2-core CPU host, whose cores both kinds of call share)."""
         unet = side = 0.0
         for i in self._canon:  # the plan's order does not change the sum, not even in its last bit
             if self.calls[i][0] == "unet":
