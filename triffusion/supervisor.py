@@ -145,7 +145,12 @@ def _stream_failure(error) -> bool:
 
 
 class Supervisor:
-    """Watches one TritonServer (triffusion.server) from a thread; `counts` says what it did."""
+    """Watches one TritonServer (triffusion.server) from a thread; `counts` says what it did.
+
+    Seeing and healing are apart: the watch loop reads the process table every interval_s and never waits on
+    the server; a model whose stub died is healed (unloaded, then loaded) on a thread of its own. A load takes
+    seconds (3-7 s for the tiny preset on 2 cores), and a stub that dies meanwhile is unloaded at once, so
+    readiness turns false within about interval_s of any death, whatever else is healing."""
 
     def __init__(self, server, admin: AdminClient, *, interval_s: float = 0.2, health_every_s: float = 2.0,
                  policy: RestartPolicy | None = None):
@@ -158,8 +163,10 @@ class Supervisor:
         self._stop = threading.Event()
         self._health_failures = 0  # consecutive health checks the orchestrator did not answer
         self._healed_at = 0.0  # when the last reload or restart ended: a health check older than it says nothing
+        self._healing: dict[str, threading.Thread] = {}  # model -> the thread reloading it
+        self._generation = 0  # one more at each server restart: a reload of the process before says nothing
         self._threads: list[threading.Thread] = []
-        self.lock = threading.Lock()  # held while healing: stop() waits for it
+        self.lock = threading.Lock()  # guards the state above; held across no call to the server but a restart
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -174,7 +181,8 @@ class Supervisor:
 
     def stop(self) -> None:
         self._stop.set()
-        for thread in self._threads:
+        healing = list(self._healing.copy().values())  # not under the lock: a restart may hold it for minutes
+        for thread in self._threads + healing:
             if thread is not threading.current_thread():
                 thread.join(30)
 
@@ -200,18 +208,20 @@ class Supervisor:
             if self.gave_up:
                 return
 
-    # ---- one check ---------------------------------------------------------------------------
+    # ---- one check (under the lock) ----------------------------------------------------------
     def tick(self) -> None:
         process = self.server.process
         if process.poll() is not None:
             self._restart(process.returncode)
             return
         for model in missing_stubs(self.expected, procs.stubs(process.pid)):
-            self.reload(model, "its stub process died")
+            if model not in self._healing:
+                self._start_reload(model, "its stub process died")
 
     def _check_engine(self, max_failures: int = 3) -> None:
         """One health call (outside the lock: it may wait up to its timeout); what it found acted on under the
-        lock, unless a reload or restart ended meanwhile or a stub is dead (the process table's loop heals that)."""
+        lock, unless a reload or restart ended meanwhile, one is under way, or a stub is dead (the process
+        table's loop heals that)."""
         started = time.monotonic()
         try:
             health, failure = self.admin.control({"op": "health"}), None
@@ -220,7 +230,7 @@ class Supervisor:
         with self.lock:
             if self._stop.is_set():
                 return
-            if self._healed_at >= started or self.server.process.poll() is not None or \
+            if self._healed_at >= started or self._healing or self.server.process.poll() is not None or \
                     missing_stubs(self.expected, procs.stubs(self.server.process.pid)):
                 self._health_failures = 0  # the check raced a death or a reload: it says nothing of the engine
                 return
@@ -247,23 +257,41 @@ class Supervisor:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        self.reload(model, why)
+        if model not in self._healing:
+            self._start_reload(model, why)
 
-    def reload(self, model: str, why: str) -> None:
-        """Unload (readiness turns false) and load again; Triton 2.51's load of a loaded model is a no-op
-        and would leave a dead stub in place."""
+    def _start_reload(self, model: str, why: str) -> None:
         log.error("reloading %s: %s", model, why)
+        thread = threading.Thread(target=self.reload, args=(model, self._generation), daemon=True,
+                                  name=f"triffusion-supervisor-reload-{model}")
+        self._healing[model] = thread
+        thread.start()
+
+    # ---- healing (off the lock) --------------------------------------------------------------
+    def reload(self, model: str, generation: int) -> None:
+        """Unload (readiness turns false) and load again; Triton 2.51's load of a loaded model is a no-op
+        and would leave a dead stub in place. Runs on its own thread: other models' deaths are seen and their
+        unloads sent meanwhile (a model that is loading keeps the server not ready until its load ends)."""
         start = time.monotonic()
         try:
             self.admin.unload(model)
             self.admin.load(model)
+            failure = None
         except (urllib.error.URLError, OSError) as exc:
-            log.error("reloading %s failed: %s", model, exc)
-            return
-        self.counts[("reload", model)] += 1
-        self.server.remember_shm()
-        self.expected[model] = group_by_model(procs.stubs_of(self.server.process.pid, model)).get(model, set())
-        self._healed_at = time.monotonic()
+            failure = exc
+        with self.lock:
+            del self._healing[model]
+            if generation != self._generation:
+                return  # the server was restarted meanwhile: the restart loaded every model afresh
+            if failure is not None:
+                log.error("reloading %s failed: %s", model, failure)
+                return  # the model stays missing from the process table: the watch loop tries again
+            self.counts[("reload", model)] += 1
+            self.server.remember_shm()
+            stubs = group_by_model(procs.stubs_of(self.server.process.pid, model)).get(model)
+            if stubs:  # none if the new stub died already: keep the names, so the watch loop sees it missing
+                self.expected[model] = stubs
+            self._healed_at = time.monotonic()
         log.warning("%s reloaded in %.1f s", model, time.monotonic() - start)
         self.report()
 
@@ -278,6 +306,7 @@ class Supervisor:
         if self._stop.wait(delay):
             return
         start = time.monotonic()
+        self._generation += 1  # reloads under way were of the dead process
         self.server.restart()
         self.counts[("restart", "tritonserver")] += 1
         self.expected = group_by_model(procs.stubs(self.server.process.pid))

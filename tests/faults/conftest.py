@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from triffusion import contract
+from triffusion import contract, procs
 from triffusion.export.repository import write_repository
 from triffusion.server import TritonServer, free_port
 
@@ -21,6 +21,7 @@ class FaultServer:
     def __init__(self, server: TritonServer, repo: Path):
         self.server, self.repo = server, repo
         self.grpc, self.http, self.metrics = server.urls["grpc"], server.urls["http"], server.urls["metrics"]
+        self.models = {procs.model_of(name) for name in procs.stubs(self.pid)}  # every model runs a stub
 
     def url(self, protocol: str) -> str:
         return self.http if protocol == "http" else self.grpc
@@ -73,10 +74,12 @@ def fault_server(tiny_repository, tmp_path_factory):
 
 @pytest.fixture
 def faults(fault_server):
-    """The module's server with no fault pending, healthy before the test starts."""
-    from .harness import wait_recovered
+    """The module's server with no fault pending, healthy before the test starts: a normal request succeeds,
+    and it is ready with every model's stub running (no reload from the last test still under way)."""
+    from .harness import wait_recovered, wait_whole
 
     fault_server.clear()
     wait_recovered(fault_server)
+    wait_whole(fault_server, fault_server.models)
     yield fault_server
     fault_server.clear()

@@ -140,30 +140,44 @@ def wait_recovered(server, timeout_s: float = 30.0) -> float:
     raise AssertionError(f"no normal request succeeded within {timeout_s} s; last: {last}")
 
 
+def models_running(server) -> set[str]:
+    """The models that have a stub process running now."""
+    return {procs.model_of(name) for name in procs.stubs(server.pid)}
+
+
+def ready(server) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{server.http}/v2/health/ready", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def wait_whole(server, models: set[str], timeout_s: float = 60.0) -> None:
+    """Until the server claims ready and every one of `models` runs a stub: a reload the last test started
+    (a dead gate fails no request, so a normal request succeeds before its reload ends) is over."""
+    deadline = time.monotonic() + timeout_s
+    while not (ready(server) and models <= models_running(server)):
+        assert time.monotonic() < deadline, f"not whole within {timeout_s} s: running {models_running(server)}"
+        time.sleep(0.1)  # the supervisor reloads on threads of its own; readiness is polled from outside
+
+
 class ReadinessMonitor:
     """Samples /v2/health/ready and whether every stub that ran at the start still runs."""
 
     def __init__(self, server, period_s: float = 0.05):
         self.server, self.period_s = server, period_s
-        self.expected = set(procs.stubs(server.pid))
+        self.expected = models_running(server)
         self.samples: list[tuple[float, bool, bool]] = []  # (time, ready, all models' stubs running)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.server.http}/v2/health/ready", timeout=1) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
     def _run(self):
         while not self._stop.wait(self.period_s):
             # Readiness first: a claim of ready followed by a missing stub is a claim it made while dead.
-            ready, now = self._ready(), time.monotonic()
-            running = {procs.model_of(name) for name in procs.stubs(self.server.pid)}
-            self.samples.append((now, ready, {procs.model_of(name) for name in self.expected} <= running))
+            claimed, now = ready(self.server), time.monotonic()
+            self.samples.append((now, claimed, self.expected <= models_running(self.server)))
 
     def stop(self):
         self._stop.set()

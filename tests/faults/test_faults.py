@@ -14,7 +14,8 @@ import pytest
 from triffusion import contract, procs
 
 from .conftest import COMPONENT_TIMEOUT_S
-from .harness import Burst, ReadinessMonitor, assert_answered_once, each_path, send, wait_recovered
+from .harness import (Burst, ReadinessMonitor, assert_answered_once, each_path, models_running, ready, send,
+                      wait_recovered, wait_whole)
 
 pytestmark = pytest.mark.server
 
@@ -65,6 +66,25 @@ def test_killed_stub_with_requests_in_flight(faults, model):
     assert recovered_s < 30
     assert not monitor.untruthful_after(killed_at), "ready while a stub was dead"
     assert any(not ready for _, ready, _ in monitor.samples), "readiness never showed the reload"
+
+
+def test_a_stub_that_dies_while_another_model_reloads_is_unloaded_at_once(faults):
+    """The gate dies and is being reloaded (seconds); the orchestrator dies meanwhile. Readiness must turn
+    false for the orchestrator at once, not when the gate's reload ends (CI saw it claim ready with the
+    orchestrator dead for over a second, when its reload waited behind the gate's)."""
+    monitor = ReadinessMonitor(faults)
+    kill(faults, contract.QUALITY_GATE)
+    deadline = time.monotonic() + 10
+    while ready(faults) and time.monotonic() < deadline:
+        time.sleep(0.02)  # polling readiness from outside: the gate's reload has begun once it turns false
+    assert not ready(faults), "the gate's death never showed in readiness"
+    assert contract.QUALITY_GATE not in models_running(faults), "the gate's reload ended before the test could act"
+    killed_at = kill(faults, contract.ORCHESTRATOR)
+    assert wait_recovered(faults) < 30
+    wait_whole(faults, faults.models)
+    monitor.stop()
+    assert not monitor.untruthful_after(killed_at, grace_s=0.5), "ready while the orchestrator was dead"
+    assert send(faults, "grpc_stream", steps=3, unet="cascade").metadata["cascade"].get("gate_error") is None
 
 
 def test_component_that_raises_fails_only_its_own_call(faults):
