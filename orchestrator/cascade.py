@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -223,6 +223,28 @@ class LoadController:
             decision = _overloaded(cheapest, self.demand, self.gpus, self.utilization)
         self.last = decision
         return decision
+
+
+    def state(self, now: float) -> dict:
+        """Where the controller stands (the engine's `profile` reports it): its demand estimate, the window it
+        is counting and the operating point in force. A simulator predicting what comes next starts its
+        controller here (`restore`), as the server's goes on from here."""
+        last = self.last
+        return {"demand": self.demand, "arrivals": self._arrivals,
+                "window_age_s": None if self._window_start is None else round(now - self._window_start, 4),
+                "option": None if last is None else asdict(last.option),
+                "light_gpus": None if last is None else last.light_gpus,
+                "heavy_gpus": None if last is None else last.heavy_gpus}
+
+    def restore(self, state: dict, now: float) -> None:
+        """Continue from `state` (what `state` returned), `now` on this controller's clock."""
+        self.demand = state.get("demand")
+        self._arrivals = int(state.get("arrivals") or 0)
+        age = state.get("window_age_s")
+        self._window_start = None if age is None else now - age
+        option = state.get("option")
+        self.last = None if option is None else Decision(Option(**option), int(state.get("light_gpus") or 0),
+                                                          int(state.get("heavy_gpus") or 0))
 
 
 def options_from(rows: list[dict]) -> list[Option]:

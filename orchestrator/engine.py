@@ -90,13 +90,16 @@ class Engine:
                     "closed": self.scheduler.closed is not None, "last_iteration_age_s": age}
 
     def profile(self) -> dict:
-        """The latency model learned so far (profile.json's format) and the measured/predicted iteration scale."""
+        """The latency model learned so far (profile.json's format), the measured/predicted iteration scale and
+        the other learned state, and where the cascade's load controller stands (if it has one)."""
         with self._cv:
+            controller = self.scheduler.controller
             return {**self.scheduler.predictor.to_profile(), "iteration_scale": self.scheduler.iteration_scale,
                     "side_share": self.scheduler.side_share,
                     "forecast_bias": dict(self.scheduler.forecast_bias),
                     "stop_fraction": {f"{model}/{level}": round(v, 4)
-                                      for (model, level), v in sorted(self.scheduler.stop_fraction.items())}}
+                                      for (model, level), v in sorted(self.scheduler.stop_fraction.items())},
+                    **({"controller": controller.state(self.clock())} if controller is not None else {})}
 
     # ---- loop ------------------------------------------------------------------------------
     def start(self) -> None:

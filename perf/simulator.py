@@ -433,7 +433,8 @@ def scheduler_factory(profile: dict | None, policy: str = "edf", max_active: int
     seeded from the profile (it then learns online), its own policy object, a patch grid, the entropy
     thresholds (`entropy`: EntropyStop keywords, for every UNet of the profile) and, when the Simulator
     asks for one with `make(cascade=Cascade(light, heavy))`, the cascade with its gate `threshold` and
-    a fresh LoadController from `controller()` (if given). `options` go to StepScheduler as they are."""
+    a LoadController from `controller()` (if given: fresh, or restored to where a server's stands, whose
+    operating point is then in force). `options` go to StepScheduler as they are."""
     create_policy(policy)  # an unknown policy fails here, by name
     models = sorted({row[0] for row in profile.get("unet", [])}) if profile else []
     served = {key: options.pop(key) for key in ("hybrid", "admission_headroom") if key in options}  # config fields
@@ -445,6 +446,9 @@ def scheduler_factory(profile: dict | None, policy: str = "edf", max_active: int
                                     threshold=threshold,
                                     controller=controller() if cascade is not None and controller is not None else None,
                                     **options)
+        ctl = scheduler.controller
+        if ctl is not None and ctl.last is not None:  # a controller that goes on from a decision: it is in force
+            scheduler.router.threshold, scheduler.step_budget = ctl.last.option.threshold, ctl.last.option.steps
         if profile:  # what a server's engine learned (its profile()), as that server would go on with it
             scheduler.side_share = float(profile.get("side_share", 0.0))
             scheduler.forecast_bias.update(profile.get("forecast_bias") or {})

@@ -24,7 +24,8 @@ What runs (one command, one JSON; the tiny preset on this machine):
    2x and 3x its limit (goodput against its peak, admitted attainment), the controller's decisions read
    from /metrics every 0.5 s while each point runs (`controller_during`), and the simulator's prediction of every sweep point made before it ran,
    from profiles measured beforehand (export profile, step-quality and entropy-stop profiles, and the
-   latency model learned in a calibration run at --calibration-rate with another seed).
+   latency model learned in a calibration run at --calibration-rate with another seed), its simulated
+   load controller starting where the server's stands before the point (`predicted.controller_start`).
 6. perf_analyzer (which stops at the first error, so it cannot count a system that rejects) replays
    one sub-capacity point of each system with --request-intervals as a cross-check of the latencies.
 
@@ -335,16 +336,25 @@ class Predictor:
         cascade = pipeline.get("cascade") or {}
         options = cascade.get("options") or []
         entropy = (pipeline.get("registry") or {}).get("entropy") or {}
-        controller = (lambda: LoadController(options_from(options), gpus=1, interval_s=FULL["controller_interval_s"])) \
-            if options else None
+        self.controller_state: dict | None = None  # where the server's controller stands as the point starts
+
+        def controller() -> LoadController:
+            made = LoadController(options_from(options), gpus=1, interval_s=FULL["controller_interval_s"])
+            if self.controller_state:  # the simulated run starts at 0 on its clock
+                made.restore(self.controller_state, now=0.0)
+            return made
         self.make = scheduler_factory(profile, FULL["policy"], FULL["max_active"], FULL["max_queue"], FULL["max_batch"],
-                                      threshold=cascade.get("threshold", 0.5), controller=controller, entropy=entropy,
+                                      threshold=cascade.get("threshold", 0.5), controller=controller if options else None,
+                                      entropy=entropy,
                                       hybrid=FULL["hybrid"], step_quality=pipeline.get("step_quality"),
                                       admission_headroom=FULL["admission_headroom"])
         self.cascade, self.options = cascade, options
         self.auto_stop, self.classes = pipeline.get("auto_stop") or {}, classes
 
-    def __call__(self, rate: float, seed: int, args) -> dict:
+    def __call__(self, rate: float, seed: int, args, controller: dict | None = None) -> dict:
+        """Attainment and goodput of the point. `controller`: where the server's load controller stands before
+        the point runs (its profile's `controller`, read then); the simulated one goes on from there, as the
+        server's does (it carries its demand estimate from one point to the next). None: a fresh one."""
         from perf.simulator import CascadeSpec, SimRequest, simulate
 
         window = max(args.min_window_s, args.min_requests / rate)
@@ -363,6 +373,7 @@ class Predictor:
         spec = CascadeSpec(light, self.cascade.get("heavy", contract.UNET),
                            escalation_rate=self._escalation(), seed=seed,
                            heavy_gpus=self.heavy_gpus) if self.cascade else None
+        self.controller_state = controller
         result = simulate(sims, self.gpus, self.make, self.latency, cascade=spec)
         s = result.summary
         met = s["met"]
@@ -520,7 +531,14 @@ def main(argv: list[str] | None = None) -> int:
                 model = Predictor(pipeline, exported, learned, classes)
                 entry["calibration"]["served_scales"] = model.served_scales
                 entry["calibration"]["side_share"] = learned.get("side_share")
-                predict = lambda rate, seed: model(rate, seed, args)
+
+                def predict(rate: float, seed: int) -> dict:
+                    # The server's controller carries its demand estimate and operating point from one point to
+                    # the next (each point starts with what the last one and the pause left); the simulated one
+                    # starts from there. Read before the point runs; the seconds this prediction takes are idle
+                    # time the read does not count (they only stretch the window the controller is counting).
+                    state = served.control("profile").get("controller")
+                    return {**model(rate, seed, args, controller=state), "controller_start": state}
             rows, limit = sweep(served, classes, args, predict)
             limits[system] = limit
             entry.update(sweep=rows, max_load_at_99=limit)

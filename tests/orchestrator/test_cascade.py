@@ -1,6 +1,7 @@
 """Cascade routing and escalation counts; the controller's MILP against brute-force enumeration (GPUs of
 their own per model, and one device both models time-share); decisions that follow demand up and down."""
 
+import json
 import itertools
 import random
 
@@ -228,3 +229,29 @@ def test_a_controller_with_options_imports_its_solver_when_made_not_at_its_first
             "assert 'scipy.optimize' in sys.modules\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_restored_controller_goes_on_as_the_one_it_was_read_from():
+    """The engine's profile reports `state`; a simulator restores it on its own clock (the SLO proof starts
+    each point's simulated controller where the server's stands). Both must then decide alike."""
+    named = {"rich": Option(0.7, 20, escalation=0.6, quality=0.9, light_s=0.1, heavy_s=0.4),
+             "cheap": Option(0.3, 10, escalation=0.1, quality=0.6, light_s=0.05, heavy_s=0.2)}
+    server = LoadController(list(named.values()), gpus=1, interval_s=1.0, alpha=0.5)
+    feed(server, 0.0, 2)  # a light window: rich in force, demand 2
+    for j in range(7):
+        server.observe_arrival(1.0 + j * 0.05)  # a window half counted when the state is read
+    state = server.state(now=1.5)
+    assert state["demand"] == 2.0 and state["arrivals"] == 7 and state["window_age_s"] == 0.5
+    assert state["option"]["threshold"] == 0.7 and state["light_gpus"] + state["heavy_gpus"] >= 1
+    copy = LoadController(list(named.values()), gpus=1, interval_s=1.0, alpha=0.5)
+    copy.restore(json.loads(json.dumps(state)), now=100.0)  # through JSON, as the control answer carries it
+    assert copy.last.option == named["rich"] and copy.due_at() == pytest.approx(100.5)
+    for controller, t0 in ((server, 1.5), (copy, 100.0)):
+        for j in range(8):
+            controller.observe_arrival(t0 + j * 0.05)
+    mine, theirs = server.decide(2.0), copy.decide(100.5)
+    assert mine.option == theirs.option == named["cheap"]  # 15 arrivals in the window: demand (2 + 15) / 2
+    assert server.demand == copy.demand == 8.5
+    fresh = LoadController(list(named.values()), gpus=1, interval_s=1.0)
+    fresh.restore(fresh.state(now=0.0), now=5.0)  # a controller that never saw a request stays so
+    assert fresh.due_at() is None and fresh.last is None and fresh.demand is None

@@ -122,6 +122,8 @@ def test_controller_decisions_set_the_threshold_and_the_step_budget():
     assert engine.scheduler.router.threshold == 0.2 and engine.scheduler.step_budget == 2
     assert [d.option for d in engine.observer.decisions] == [rich, cheap]
     assert engine.observer.decisions[-1].inputs["demand"] == 5.0
+    reported = engine.profile()["controller"]  # where it stands, for a simulator to go on from
+    assert reported["option"]["threshold"] == 0.2 and reported["demand"] == 5.0 and reported["arrivals"] == 0
     late = cascade_state(9)
     engine.submit(late)  # steps 4 > budget 2: served with the budget, reported as degraded
     assert (late.params.steps, late.requested_steps) == (2, 4)

@@ -135,6 +135,31 @@ def test_runs_of_identical_iterations_replay_exactly_as_iteration_by_iteration(m
                 auto_steps=lambda n: max(1, n // 2), cascade=cascade).summary["escalation_rate"]
 
 
+def test_a_controller_restored_mid_run_is_in_force_from_the_first_request():
+    """The SLO proof starts each point's simulated controller where the server's stands (its profile's
+    `controller`): its operating point is in force before it decides, and a window the pause between points
+    left open is decided at the first schedule, the demand it counted blended in as the server's is."""
+    from triffusion.orchestrator.scheduler import Cascade
+
+    points = [Option(0.3, 20, 0.1, 0.9, 0.1, 0.3), Option(0.5, 10, 0.3, 0.8, 0.05, 0.15)]
+    state = {"demand": 9.0, "arrivals": 3, "window_age_s": 30.0, "option": dataclasses.asdict(points[1]),
+             "light_gpus": 1, "heavy_gpus": 0}
+
+    def controller():
+        made = LoadController(points, interval_s=2.0, alpha=0.5)
+        made.restore(state, now=0.0)
+        return made
+
+    scheduler = scheduler_factory(linear_profile(("light", "unet")), "edf", controller=controller)(
+        cascade=Cascade("light", "unet"))
+    assert (scheduler.router.threshold, scheduler.step_budget) == (0.5, 10)
+    plan = scheduler.schedule(0.0)
+    assert plan.decision is not None and scheduler.controller.demand == pytest.approx(0.5 * 9.0 + 0.5 * 3 / 30.0)
+    fresh = scheduler_factory(linear_profile(("light", "unet")), "edf",
+                              controller=lambda: LoadController(points, interval_s=2.0))(cascade=Cascade("light", "unet"))
+    assert fresh.step_budget is None and fresh.schedule(0.0).decision is None  # no request yet: no window
+
+
 def test_the_simulator_keeps_no_copy_of_engine_semantics():
     """Issue 11: request state changes only in the scheduler (update_from_output); perf/ only reads it."""
     for path in sorted((REPO / "perf").glob("*.py")):
