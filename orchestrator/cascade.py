@@ -224,7 +224,6 @@ class LoadController:
         self.last = decision
         return decision
 
-
     def state(self, now: float) -> dict:
         """Where the controller stands (the engine's `profile` reports it): its demand estimate, the window it
         is counting and the operating point in force. A simulator predicting what comes next starts its
