@@ -215,8 +215,7 @@ class Supervisor:
             self._restart(process.returncode)
             return
         for model in missing_stubs(self.expected, procs.stubs(process.pid)):
-            if model not in self._healing:
-                self._start_reload(model, "its stub process died")
+            self._start_reload(model, "its stub process died")
 
     def _check_engine(self, max_failures: int = 3) -> None:
         """One health call (outside the lock: it may wait up to its timeout); what it found acted on under the
@@ -257,10 +256,12 @@ class Supervisor:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if model not in self._healing:
-            self._start_reload(model, why)
+        self._start_reload(model, why)
 
     def _start_reload(self, model: str, why: str) -> None:
+        """Reload `model` on a thread of its own, unless one is reloading it already."""
+        if model in self._healing:
+            return
         log.error("reloading %s: %s", model, why)
         thread = threading.Thread(target=self.reload, args=(model, self._generation), daemon=True,
                                   name=f"triffusion-supervisor-reload-{model}")
