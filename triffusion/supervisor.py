@@ -289,7 +289,7 @@ class Supervisor:
                 return  # the model stays missing from the process table: the watch loop tries again
             self.counts[("reload", model)] += 1
             self.server.remember_shm()
-            stubs = group_by_model(procs.stubs_of(self.server.process.pid, model)).get(model)
+            stubs = set(procs.stubs_of(self.server.process.pid, model))
             if stubs:  # none if the new stub died already: keep the names, so the watch loop sees it missing
                 self.expected[model] = stubs
             self._healed_at = time.monotonic()
