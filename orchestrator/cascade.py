@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from collections import deque
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -64,6 +65,15 @@ def feasible_split(option: Option, demand: float, gpus: int, utilization: float)
     if light < 0 or (light == 0 and demand * option.light_s > 0) or demand * option.light_s > light * utilization + 1e-12:
         return None
     return light, heavy
+
+
+def carries(decision: Decision, demand: float, gpus: int, utilization: float) -> bool:
+    """Whether `decision` (its option on its split of the GPUs) carries `demand` within `utilization`."""
+    option = decision.option
+    light, heavy = demand * option.light_s, demand * option.escalation * option.heavy_s
+    if gpus == 1:  # both models time-share the one device
+        return light + heavy <= utilization + 1e-12
+    return light <= decision.light_gpus * utilization + 1e-12 and heavy <= decision.heavy_gpus * utilization + 1e-12
 
 
 def _ranks(values) -> list[int]:
@@ -183,17 +193,24 @@ def _overloaded(option: Option, demand: float, gpus: int, utilization: float) ->
 class LoadController:
     """Re-chooses the cascade's operating point as demand changes (DiffServe's controller): every
     `interval_s` it estimates the arrival rate (EWMA over windows) and picks, with `choose`, the highest
-    quality option that the GPUs carry at that rate. Decisions and their inputs go out as metrics."""
+    quality option that the GPUs carry at that rate. Decisions and their inputs go out as metrics.
+
+    Up at once, down slowly (as autoscalers do): between windows, once the last `surge_arrivals` arrivals
+    came faster than both the demand estimate and what the operating point in force carries, it decides at
+    once on that rate (no EWMA: an overloaded cascade misses SLOs for as long as it waits). A fall in load
+    waits for the window and the EWMA, so a short lull does not buy back quality the next second takes."""
 
     options: list[Option]
     gpus: int = 1
     utilization: float = 0.8
     interval_s: float = 5.0
     alpha: float = 0.5  # EWMA weight of the newest window
+    surge_arrivals: int = 16  # arrivals the surge check measures the rate over (0: decide only at windows' ends)
     demand: float | None = None
     _window_start: float | None = None
     _arrivals: int = 0
     last: Decision | None = None
+    _recent: deque = field(default_factory=deque)  # the last surge_arrivals arrival times
 
     def __post_init__(self):
         # The solver's import (about 0.3-0.5 s) here, when the model loads: the first decision runs inside the
@@ -205,22 +222,45 @@ class LoadController:
         if self._window_start is None:
             self._window_start = now
         self._arrivals += 1
+        if self.surge_arrivals > 1:
+            self._recent.append(now)
+            if len(self._recent) > self.surge_arrivals:
+                self._recent.popleft()
+
+    def surge_rate(self) -> float | None:
+        """The arrival rate over the last `surge_arrivals` arrivals when it outruns both the demand estimate and
+        the operating point in force (what `decide` then acts on at once); else None."""
+        if self.last is None or self.surge_arrivals < 2 or len(self._recent) < self.surge_arrivals:
+            return None
+        span = self._recent[-1] - self._recent[0]
+        rate = (len(self._recent) - 1) / span if span > 0 else math.inf
+        if rate <= (self.demand or 0.0) or carries(self.last, rate, self.gpus, self.utilization):
+            return None
+        return rate
 
     def due_at(self) -> float | None:
         """The earliest time `decide` makes a decision (None before the first arrival)."""
         return None if self._window_start is None else self._window_start + self.interval_s
 
     def decide(self, now: float) -> Decision | None:
-        """A new decision when a window has closed, else None."""
+        """A new decision when a window has closed or arrivals surged past the operating point, else None."""
+        surge = None
         if self._window_start is None or now - self._window_start < self.interval_s:
-            return None
-        rate = self._arrivals / (now - self._window_start)
-        self.demand = rate if self.demand is None else (1 - self.alpha) * self.demand + self.alpha * rate
+            surge = self.surge_rate()
+            if surge is None:
+                return None
+            self.demand = surge
+            self._recent.clear()  # the next surge is measured on arrivals after this decision
+        else:
+            rate = self._arrivals / (now - self._window_start)
+            self.demand = rate if self.demand is None else (1 - self.alpha) * self.demand + self.alpha * rate
         self._window_start, self._arrivals = now, 0
         decision = choose(self.options, self.demand, self.gpus, self.utilization)
         if decision is None:  # nothing fits: the cheapest option sheds the least
             cheapest = min(self.options, key=lambda o: o.light_s + o.escalation * o.heavy_s)
             decision = _overloaded(cheapest, self.demand, self.gpus, self.utilization)
+        if surge is not None:
+            decision = replace(decision, inputs={**decision.inputs, "surge": True})
         self.last = decision
         return decision
 
@@ -233,7 +273,8 @@ class LoadController:
                 "window_age_s": None if self._window_start is None else round(now - self._window_start, 4),
                 "option": None if last is None else asdict(last.option),
                 "light_gpus": None if last is None else last.light_gpus,
-                "heavy_gpus": None if last is None else last.heavy_gpus}
+                "heavy_gpus": None if last is None else last.heavy_gpus,
+                "recent_ages_s": [round(now - t, 4) for t in self._recent]}
 
     def restore(self, state: dict, now: float) -> None:
         """Continue from `state` (what `state` returned), `now` on this controller's clock."""
@@ -241,6 +282,7 @@ class LoadController:
         self._arrivals = int(state.get("arrivals") or 0)
         age = state.get("window_age_s")
         self._window_start = None if age is None else now - age
+        self._recent = deque(now - a for a in state.get("recent_ages_s") or [])
         option = state.get("option")
         self.last = None if option is None else Decision(Option(**option), int(state.get("light_gpus") or 0),
                                                           int(state.get("heavy_gpus") or 0))

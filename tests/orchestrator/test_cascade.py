@@ -255,3 +255,52 @@ def test_a_restored_controller_goes_on_as_the_one_it_was_read_from():
     fresh = LoadController(list(named.values()), gpus=1, interval_s=1.0)
     fresh.restore(fresh.state(now=0.0), now=5.0)  # a controller that never saw a request stays so
     assert fresh.due_at() is None and fresh.last is None and fresh.demand is None
+
+
+def test_a_surge_past_the_option_in_force_is_decided_at_once_and_a_fall_waits_for_the_windows():
+    """Up at once, down slowly: once the last `surge_arrivals` arrivals came faster than the demand estimate
+    and than the option in force carries, the controller decides on their rate before its window ends; a
+    fall in load waits for the window and the EWMA. The state the engine reports carries the arrivals the
+    surge check measures, so a restored controller surges on the same arrival."""
+    named = {"rich": Option(0.7, 20, escalation=0.6, quality=0.9, light_s=0.1, heavy_s=0.4),
+             "cheap": Option(0.3, 10, escalation=0.1, quality=0.6, light_s=0.05, heavy_s=0.2)}
+    # One device at 80%: rich costs 0.1 + 0.6 * 0.4 = 0.34 s a query, so it carries 2.35 req/s; cheap 11.4.
+    controller = LoadController(list(named.values()), gpus=1, interval_s=1.0, alpha=0.5, surge_arrivals=5)
+    assert feed(controller, 0.0, 2).option == named["rich"]  # arrivals at 0.0 and 0.5; demand 2
+    for t in (1.0, 1.1):
+        controller.observe_arrival(t)
+        assert controller.decide(t) is None  # four arrivals seen: too few to measure a surge on
+    copy = LoadController(list(named.values()), gpus=1, interval_s=1.0, alpha=0.5, surge_arrivals=5)
+    copy.restore(json.loads(json.dumps(controller.state(now=1.1))), now=50.0)
+    decisions = []
+    for ctl, t in ((controller, 1.2), (copy, 50.1)):
+        ctl.observe_arrival(t)
+        decisions.append(ctl.decide(t))
+    # The last five arrivals (0.0, 0.5, 1.0, 1.1, 1.2): 4 intervals in 1.2 s, 3.33 req/s. Over demand 2 and
+    # over what rich carries: decided at once, on that rate, not blended.
+    for ctl, decision in zip((controller, copy), decisions):
+        assert decision.option == named["cheap"] and decision.inputs["surge"] is True
+        assert ctl.demand == pytest.approx(4 / 1.2)
+    assert controller.due_at() == pytest.approx(2.2)  # a new window from the surge decision
+    # The load falls: two arrivals in the next window. No surge (none measured since), and the window blends:
+    # (3.33 + 2) / 2 = 2.67, still more than rich carries; the window after, empty: 1.33, rich again.
+    for t in (1.5, 2.0):
+        controller.observe_arrival(t)
+        assert controller.decide(t) is None
+    assert controller.decide(2.2).option == named["cheap"] and controller.demand == pytest.approx(8 / 3)
+    assert controller.decide(3.2).option == named["rich"] and controller.demand == pytest.approx(4 / 3)
+
+
+def test_a_surge_that_the_option_in_force_carries_waits_for_the_window():
+    named = {"rich": Option(0.7, 20, escalation=0.6, quality=0.9, light_s=0.1, heavy_s=0.4),
+             "cheap": Option(0.3, 10, escalation=0.1, quality=0.6, light_s=0.05, heavy_s=0.2)}
+    controller = LoadController(list(named.values()), gpus=1, interval_s=1.0, alpha=0.5, surge_arrivals=5)
+    assert feed(controller, 0.0, 8).option == named["cheap"]  # demand 8; cheap carries 11.4 req/s
+    for j in range(6):  # 10 req/s: over the estimate, within what cheap carries
+        controller.observe_arrival(1.0 + j * 0.1)
+        assert controller.decide(1.0 + j * 0.1) is None
+    off = LoadController(list(named.values()), gpus=1, interval_s=1.0, surge_arrivals=0)
+    feed(off, 0.0, 1)
+    for j in range(20):  # 100 req/s, with the surge check off: only the window decides
+        off.observe_arrival(1.0 + j * 0.01)
+        assert off.decide(1.0 + j * 0.01) is None
