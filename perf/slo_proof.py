@@ -576,8 +576,15 @@ def bursts(served: Served, capacity: float, classes: dict, args) -> dict:
         t += 1.0
         arrivals += [t + a for a in poisson_arrivals(0.2 * capacity, 3.0, args.seed + 810 + k)]
         t += 3.0
+    before = served.control("heap")
     row = point(served, 5 * capacity, args.seed + 820, classes, args, arrivals=arrivals, window=t)
-    log(f"full bursts: admitted attainment {row['admitted_attainment']}, rejection p99 {row['reject_p99_ms']} ms")
+    after = served.control("heap")
+    # The orchestrator's garbage collections during the bursts, per generation, and the longest of each since
+    # start-up (triffusion.heap: start-up's objects are frozen, so a full collection no longer stalls ~130 ms).
+    row["gc"] = {"collections": [b - a for a, b in zip(before["collections"], after["collections"])],
+                 "longest_ms_since_start": after["longest_ms"], "frozen": after["frozen"]}
+    log(f"full bursts: admitted attainment {row['admitted_attainment']}, rejection p99 {row['reject_p99_ms']} ms, "
+        f"gc {row['gc']}")
     return row
 
 

@@ -57,6 +57,17 @@ def test_metrics_report_outcomes_batches_and_stages(server):
         assert name in text
 
 
+def test_the_orchestrator_serves_with_start_ups_objects_frozen_and_its_collections_timed(server):
+    """triffusion.heap in the served stub: a full collection there would scan some 350,000 start-up objects
+    (torch, onnxruntime, scipy: ~130 ms with the GIL held, admission and rejections waiting); they are frozen."""
+    from triffusion.supervisor import AdminClient
+
+    generate("for the heap", steps=2, seed=2, url=server.grpc)
+    heap = AdminClient(server.triton.internal_http, server.grpc, server.triton.admin_key).control({"op": "heap"})
+    assert heap["frozen"] > 100_000, heap
+    assert len(heap["collections"]) == len(heap["longest_ms"]) == 3 and heap["collections"][0] >= 1, heap
+
+
 def test_auto_steps_report_the_steps_used(server):
     auto = generate("a red bicycle", steps=30, step_mode="auto", seed=3, url=server.grpc)
     fixed = generate("a red bicycle", steps=30, seed=3, url=server.grpc)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from triffusion import contract
+from triffusion import contract, heap
 from triffusion.bls import request_scalar as _scalar
 from triffusion.orchestrator.baselines import DiffusersBaseline
 from triffusion.orchestrator.params import InvalidRequest, Limits, parse_params
@@ -28,6 +28,7 @@ class TritonPythonModel:
         self.batched = config.get("max_batch_size", 0) > 0  # tensors carry a leading batch dim of 1
         self.name = config["name"]
         self.baseline = DiffusersBaseline(repository / params["pipeline"], device=params.get("device", "cpu"))
+        heap.settle()  # start-up's objects out of later full collections, as every served model (triffusion.heap)
 
     def execute(self, requests):
         responses, parsed = [None] * len(requests), []

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from triffusion import heap
 from triffusion.runtime import create_runtime
 
 
@@ -44,6 +45,7 @@ class TritonPythonModel:
                                       spinning=params.get("spinning", "on") == "on",
                                       graph_shapes=params.get("graph_shapes", ""))
         self.output_names = [o["name"] for o in config["output"]]
+        heap.settle()  # start-up's objects out of later full collections (triffusion.heap)
 
     def execute(self, requests):
         responses = []

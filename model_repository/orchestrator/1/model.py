@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from triffusion import lora
+from triffusion import heap, lora
 from triffusion.bls import Deadlines, InProcessUNetExecutor, TritonExecutor, request_scalar, send
 from triffusion.channel import ChannelClosed, Listener, socket_path
 from triffusion.orchestrator.adapters import RegisteredAdapters
@@ -87,6 +87,10 @@ class TritonPythonModel:
             # add-lora on the served repository: new names are served at once, replaced files reloaded
             self.registered = RegisteredAdapters(version_dir / "pipeline.json", self.limits,
                                                  pipeline["lora"].get("adapters"), on_change=self.adapters.follow)
+        # Start-up's objects (torch, onnxruntime, scipy: ~350,000) out of every later full collection, which
+        # would otherwise hold the GIL ~130 ms each, admission and rejections included (triffusion.heap).
+        heap.settle()
+        self.gc_pauses = heap.GcPauses().install()
         self.engine.start()
         self.listener = Listener(socket_path(os.getppid()), self._serve_front)
 
@@ -166,6 +170,8 @@ class TritonPythonModel:
             return self.engine.health()
         if op == "profile":  # what the latency predictor has learned (benchmarks seed the simulator with it)
             return self.engine.profile()
+        if op == "heap":  # the garbage collector's pauses since start-up (triffusion.heap)
+            return self.gc_pauses.report()
         if op == "events":  # the supervisor's counts of reloads and restarts, for /metrics
             self.observer.supervisor(message.get("events", []))
             return {}
@@ -174,9 +180,10 @@ class TritonPythonModel:
                 raise InvalidRequest("control", "drain needs an admin key (set by `triffusion serve`)")
             self.engine.drain()
             return self.engine.health()
-        raise InvalidRequest("control", f"op '{op}' is unknown; allowed: health, drain, events, profile")
+        raise InvalidRequest("control", f"op '{op}' is unknown; allowed: health, drain, events, heap, profile")
 
     def finalize(self):
+        self.gc_pauses.remove()
         self.listener.close()
         self.engine.stop(grace_s=DRAIN_GRACE_S)
         if self.adapters is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from triffusion import heap
 from triffusion.orchestrator.gate import load_gate
 
 
@@ -21,6 +22,7 @@ class TritonPythonModel:
 
             torch.set_num_threads(int(params["threads"]))  # the served repository's CPU threads (orchestrator config)
         self.gate = load_gate(version_dir / params.get("artifact", "gate.pt"), device=params.get("device", "cpu"))
+        heap.settle()  # start-up's objects out of later full collections (triffusion.heap)
 
     def execute(self, requests):
         responses = []

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from triffusion import contract
+from triffusion import contract, heap
 from triffusion.bls import is_cancelled, request_input, send, triton_error
 from triffusion.channel import ChannelClosed, connect, socket_path
 from triffusion.orchestrator.adapters import RegisteredAdapters
@@ -110,6 +110,7 @@ class TritonPythonModel:
         self._stop = threading.Event()
         self.watchdog = threading.Thread(target=self._watch, name="triffusion-front-watchdog", daemon=True)
         self.watchdog.start()
+        heap.settle()  # start-up's objects out of later full collections (triffusion.heap)
 
     def execute(self, requests):
         for request in requests:
