@@ -219,6 +219,8 @@ class LoadController:
             import scipy.optimize  # noqa: F401
 
     def observe_arrival(self, now: float) -> None:
+        """One arrival at `now`: when its front received it (a clump of arrivals reaching the engine together,
+        after a slow iteration, must not read as a surge)."""
         if self._window_start is None:
             self._window_start = now
         self._arrivals += 1
@@ -232,8 +234,10 @@ class LoadController:
         the operating point in force (what `decide` then acts on at once); else None."""
         if self.last is None or self.surge_arrivals < 2 or len(self._recent) < self.surge_arrivals:
             return None
-        span = self._recent[-1] - self._recent[0]
-        rate = (len(self._recent) - 1) / span if span > 0 else math.inf
+        span = max(self._recent) - min(self._recent)  # times the fronts received them: not quite in order
+        if span <= 0:  # no rate to measure (all at one clock reading)
+            return None
+        rate = (len(self._recent) - 1) / span
         if rate <= (self.demand or 0.0) or carries(self.last, rate, self.gpus, self.utilization):
             return None
         return rate

@@ -147,8 +147,8 @@ class StepScheduler:
     # ---- intake ----------------------------------------------------------------------------
     def add(self, state: RequestState, now: float) -> None:
         """Queue a request or raise a ServingError at once (closed, queue full, SLO infeasible)."""
-        if self.controller is not None:  # demand counts every arrival, served or not
-            self.controller.observe_arrival(now)
+        if self.controller is not None:  # demand counts every arrival, served or not, when its front received it
+            self.controller.observe_arrival(now if state.received is None else min(state.received, now))
         if self.closed is not None:
             raise self.closed
         if len(self.waiting) >= self.max_queue:

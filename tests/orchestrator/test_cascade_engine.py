@@ -138,3 +138,27 @@ def test_controller_with_nothing_feasible_picks_the_cheapest_option_and_says_ove
     decision = controller.decide(1.0)
     assert decision.option == cheap and decision.inputs["overloaded"] is True and controller.demand == 10.0
     assert controller.decide(1.5) is None  # the next window has not closed
+
+
+def test_the_controller_counts_arrivals_when_their_front_received_them():
+    """A clump of requests that reaches the engine at once (after a slow iteration) is no surge: the controller
+    measures the rate on the times the fronts received them. Without those times, the clump is what it sees."""
+    cheap = Option(threshold=0.2, steps=2, escalation=0.1, quality=0.5, light_s=0.1, heavy_s=1.0)
+    rich = Option(threshold=0.8, steps=4, escalation=0.6, quality=0.9, light_s=0.2, heavy_s=1.0)
+    decided = {}
+    for received in (True, False):
+        clock = SimClock()
+        controller = LoadController([cheap, rich], gpus=2, utilization=1.0, interval_s=10.0, surge_arrivals=4)
+        engine = make_engine(GatedExecutor([0.5] * 50), controller=controller, clock=clock)
+        engine.submit(cascade_state(0))
+        clock.now = 10.0
+        engine.step()  # a window of one request in 10 s: rich (0.6 heavy GPU-s/s at 1 req/s fits one GPU)
+        for i in range(4):  # received 1 s apart (1 req/s), submitted together at 13 s, 10 ms apart
+            clock.now = 13.0 + 0.01 * i
+            state = cascade_state(1 + i)
+            state.received = 10.0 + i if received else None
+            engine.submit(state)
+        engine.step()
+        decided[received] = [d.option for d in engine.observer.decisions]
+    assert decided[True] == [rich]
+    assert decided[False] == [rich, cheap]  # four arrivals in 30 ms: a surge past what rich carries
