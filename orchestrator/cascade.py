@@ -197,7 +197,8 @@ class LoadController:
 
     Up at once, down slowly (as autoscalers do): between windows, once the last `surge_arrivals` arrivals
     came faster than both the demand estimate and what the operating point in force carries, it decides at
-    once on that rate (no EWMA: an overloaded cascade misses SLOs for as long as it waits). A fall in load
+    once on that rate (no EWMA: an overloaded cascade misses SLOs for as long as it waits), unless nothing fits
+    already (the cheapest option is in force; re-deciding would only ratchet the estimate up). A fall in load
     waits for the window and the EWMA, so a short lull does not buy back quality the next second takes."""
 
     options: list[Option]
@@ -233,6 +234,8 @@ class LoadController:
         """The arrival rate over the last `surge_arrivals` arrivals when it outruns both the demand estimate and
         the operating point in force (what `decide` then acts on at once); else None."""
         if self.last is None or self.surge_arrivals < 2 or len(self._recent) < self.surge_arrivals:
+            return None
+        if self.last.inputs.get("overloaded"):  # the cheapest option on every GPU already: nowhere to go
             return None
         span = max(self._recent) - min(self._recent)  # times the fronts received them: not quite in order
         if span <= 0:  # no rate to measure (all at one clock reading)

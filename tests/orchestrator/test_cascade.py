@@ -304,3 +304,10 @@ def test_a_surge_that_the_option_in_force_carries_waits_for_the_window():
     for j in range(20):  # 100 req/s, with the surge check off: only the window decides
         off.observe_arrival(1.0 + j * 0.01)
         assert off.decide(1.0 + j * 0.01) is None
+    # Overloaded already (nothing fits at 14 req/s: cheap on the device): a faster surge changes nothing.
+    controller = LoadController(list(named.values()), gpus=1, interval_s=1.0, alpha=0.5, surge_arrivals=5)
+    assert feed(controller, 0.0, 14).inputs["overloaded"] is True
+    for j in range(6):  # 50 req/s
+        controller.observe_arrival(1.0 + j * 0.02)
+        assert controller.decide(1.0 + j * 0.02) is None
+    assert controller.demand == 14.0
