@@ -281,6 +281,7 @@ class LoadController:
                 "option": None if last is None else asdict(last.option),
                 "light_gpus": None if last is None else last.light_gpus,
                 "heavy_gpus": None if last is None else last.heavy_gpus,
+                "overloaded": last is not None and bool(last.inputs.get("overloaded")),
                 "recent_ages_s": [round(now - t, 4) for t in self._recent]}
 
     def restore(self, state: dict, now: float) -> None:
@@ -292,7 +293,8 @@ class LoadController:
         self._recent = deque(now - a for a in state.get("recent_ages_s") or [])
         option = state.get("option")
         self.last = None if option is None else Decision(Option(**option), int(state.get("light_gpus") or 0),
-                                                          int(state.get("heavy_gpus") or 0))
+                                                          int(state.get("heavy_gpus") or 0),
+                                                          inputs={"overloaded": True} if state.get("overloaded") else {})
 
 
 def options_from(rows: list[dict]) -> list[Option]:

@@ -311,3 +311,8 @@ def test_a_surge_that_the_option_in_force_carries_waits_for_the_window():
         controller.observe_arrival(1.0 + j * 0.02)
         assert controller.decide(1.0 + j * 0.02) is None
     assert controller.demand == 14.0
+    copy = LoadController(list(named.values()), gpus=1, interval_s=1.0, alpha=0.5, surge_arrivals=5)
+    copy.restore(json.loads(json.dumps(controller.state(now=1.1))), now=0.0)  # overloaded, as read
+    for j in range(6):
+        copy.observe_arrival(0.01 * j)
+        assert copy.decide(0.01 * j) is None
