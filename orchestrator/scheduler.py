@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cascade import CascadeRouter, Decision, LoadController
+from .cascade import CascadeRouter, Decision, LoadController, Option
 from .errors import Cancelled, QueueFull, Rejected, ServingError
 from .patches import PatchGrid
 from .policies import FCFS, Policy
@@ -112,6 +112,9 @@ class StepScheduler:
         self.router = CascadeRouter(threshold) if cascade else None
         self.controller = controller if cascade else None
         self.step_budget: int | None = None
+        # Whether light answers go to the gate: not while the operating point in force escalates none (at peak
+        # load the controller's cheapest option keeps every light answer; scoring them would be wasted work).
+        self.gating = True
         self.entropy = entropy or {}  # model -> EntropyStop thresholds (step_mode "auto")
         self.step_profiles = step_profiles or {}  # model -> StepProfile (quality and time against steps)
         # Feature switches (on in service; the SLO benchmark's ablations turn one off at a time):
@@ -399,7 +402,7 @@ class StepScheduler:
             sizes[pixels] = sizes.get(pixels, 0) + 1
         total = sum(self.predictor.decode(n * pixels) for pixels, n in sizes.items())
         light = sum(1 for s in states if s.cascade and self.cascade is not None and s.model == self.cascade.light)
-        return total + (self.predictor.gate(light) if light else 0.0)
+        return total + (self.predictor.gate(light) if light and self.gating else 0.0)
 
     # ---- iteration -------------------------------------------------------------------------
     @property
@@ -444,7 +447,7 @@ class StepScheduler:
         plan.decode = [s for s in self.running if s.status is Status.DENOISING and s.steps_done >= s.steps_target]
         for state in plan.decode:
             state.enter(Status.DECODING, now)
-            if state.cascade and not state.escalated:
+            if state.cascade and not state.escalated and self.gating:
                 plan.gate.append(state)
         return plan
 
@@ -553,9 +556,14 @@ class StepScheduler:
             return None
         decision = self.controller.decide(now)
         if decision is not None:
-            self.router.threshold = decision.option.threshold
-            self.step_budget = decision.option.steps
+            self.apply_option(decision.option)
         return decision
+
+    def apply_option(self, option: Option) -> None:
+        """Put a cascade operating point in force: the gate's threshold, the step budget and whether the gate
+        runs at all (an option that escalates nothing keeps every light answer unscored)."""
+        self.router.threshold, self.step_budget = option.threshold, option.steps
+        self.gating = option.escalation > 0
 
     # ---- hybrid-resolution planning ---------------------------------------------------------
     @staticmethod

@@ -448,7 +448,7 @@ def scheduler_factory(profile: dict | None, policy: str = "edf", max_active: int
                                     **options)
         ctl = scheduler.controller
         if ctl is not None and ctl.last is not None:  # a controller that goes on from a decision: it is in force
-            scheduler.router.threshold, scheduler.step_budget = ctl.last.option.threshold, ctl.last.option.steps
+            scheduler.apply_option(ctl.last.option)
         if profile:  # what a server's engine learned (its profile()), as that server would go on with it
             scheduler.side_share = float(profile.get("side_share", 0.0))
             scheduler.forecast_bias.update(profile.get("forecast_bias") or {})

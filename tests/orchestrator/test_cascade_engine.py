@@ -47,8 +47,8 @@ def make_engine(executor, threshold=0.5, controller=None, clock=None):
                  observer=Recorder(), clock=clock or SimClock())
 
 
-def run(engine, states):
-    for state in states:
+def run(engine, states, submit=True):
+    for state in states if submit else ():
         engine.submit(state)
     for _ in range(200):
         if not engine.scheduler.has_work:
@@ -162,3 +162,30 @@ def test_the_controller_counts_arrivals_when_their_front_received_them():
         decided[received] = [d.option for d in engine.observer.decisions]
     assert decided[True] == [rich]
     assert decided[False] == [rich, cheap]  # four arrivals in 30 ms: a surge past what rich carries
+
+
+def test_an_operating_point_that_escalates_nothing_keeps_light_answers_without_gating_them():
+    """At peak load the controller's cheapest option escalates none: the gate is not called (its score could
+    change nothing), and the forecast counts no gate time. An option that escalates some gates again."""
+    clock = SimClock()
+    none = Option(threshold=1e-6, steps=4, escalation=0.0, quality=0.1, light_s=0.1, heavy_s=1.0)
+    some = Option(threshold=0.8, steps=4, escalation=0.5, quality=0.9, light_s=0.1, heavy_s=1.0)
+    controller = LoadController([none, some], gpus=1, utilization=1.0, interval_s=1.0, alpha=1.0, surge_arrivals=0)
+    executor = GatedExecutor([0.9] * 10)
+    engine = make_engine(executor, controller=controller, clock=clock)
+    first = [cascade_state(i) for i in range(6)]
+    for state in first:
+        engine.submit(state)
+    clock.now = 1.0  # 6 req/s: `some` needs 0.1 + 0.5 s a query (3.6 device-s/s); only `none` fits (0.6)
+    engine.step()
+    assert [d.option for d in engine.observer.decisions] == [none] and engine.scheduler.gating is False
+    light = cascade_state(7)
+    decode = engine.scheduler.predictor.decode(light.params.height * light.params.width)
+    assert engine.scheduler._answer_time([light]) == decode  # no gate time in the forecast
+    metas = [event[2] for event in run(engine, first, submit=False)]
+    assert all(m["unet"] == "light" and m["cascade"]["score"] is None and not m["cascade"]["escalated"] for m in metas)
+    assert [c for c in executor.calls if c[0] == "score"] == []
+    clock.now = 10.0  # two arrivals in 9 s: `some` fits again, and its answers are gated
+    (_, _, meta), = run(engine, [cascade_state(20)])
+    assert engine.observer.decisions[-1].option == some and engine.scheduler.gating is True
+    assert meta["cascade"]["score"] == np.float32(0.9).item() and [c for c in executor.calls if c[0] == "score"]
