@@ -46,6 +46,11 @@ class Option:
     light_s: float
     heavy_s: float
 
+    def loads(self, demand: float) -> tuple[float, float]:
+        """GPU-seconds a second at `demand` req/s: (light, heavy). The light model sees every query, the heavy
+        one the escalated."""
+        return demand * self.light_s, demand * self.escalation * self.heavy_s
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -59,18 +64,17 @@ def feasible_split(option: Option, demand: float, gpus: int, utilization: float)
     """Fewest heavy GPUs that carry the escalated load, the rest light; None if the light load then
     does not fit. Closed form: light needs demand*light_s, heavy demand*escalation*heavy_s GPU-s/s.
     (`choose` solves a MILP; this exact form checks the one option the solver picked.)"""
-    heavy_load = demand * option.escalation * option.heavy_s
+    light_load, heavy_load = option.loads(demand)
     heavy = math.ceil(heavy_load / utilization - 1e-12) if heavy_load > 0 else 0
     light = gpus - heavy
-    if light < 0 or (light == 0 and demand * option.light_s > 0) or demand * option.light_s > light * utilization + 1e-12:
+    if light < 0 or (light == 0 and light_load > 0) or light_load > light * utilization + 1e-12:
         return None
     return light, heavy
 
 
 def carries(decision: Decision, demand: float, gpus: int, utilization: float) -> bool:
     """Whether `decision` (its option on its split of the GPUs) carries `demand` within `utilization`."""
-    option = decision.option
-    light, heavy = demand * option.light_s, demand * option.escalation * option.heavy_s
+    light, heavy = decision.option.loads(demand)
     if gpus == 1:  # both models time-share the one device
         return light + heavy <= utilization + 1e-12
     return light <= decision.light_gpus * utilization + 1e-12 and heavy <= decision.heavy_gpus * utilization + 1e-12
@@ -181,7 +185,7 @@ def _overloaded(option: Option, demand: float, gpus: int, utilization: float) ->
     inputs = {"demand": demand, "gpus": gpus, "utilization": utilization, "overloaded": True}
     if gpus != 1:
         return Decision(option, gpus, 0, inputs=inputs)
-    light_load, heavy_load = demand * option.light_s, demand * option.escalation * option.heavy_s
+    light_load, heavy_load = option.loads(demand)
     total = light_load + heavy_load
     heavy_share = heavy_load / total if total > 0 else 0.0
     return Decision(option, 1, int(heavy_load > 0),

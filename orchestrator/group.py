@@ -71,7 +71,7 @@ class EngineGroup:
                 seconds = math.inf
                 if not closed:
                     probe = copy.copy(state)
-                    probe.arrival = now if state.received is None else min(state.received, now)
+                    probe.arrival = state.arrived(now)
                     probe.seq = scheduler._seq + 1
                     seconds = scheduler.finish_times(now, probe, state.params.steps).get(probe, math.inf) - now
                 views.append(DeviceView(i, len(scheduler.waiting), len(scheduler.running), seconds, closed,
@@ -86,10 +86,10 @@ class EngineGroup:
             return "light"
         return "heavy" if state.model == cascade.heavy else None
 
-    def _split(self, now: float, received: float | None) -> None:
+    def _split(self, now: float, arrival: float) -> None:
         if self.controller is None:
             return
-        self.controller.observe_arrival(now if received is None else min(received, now))
+        self.controller.observe_arrival(arrival)
         decision = self.controller.decide(now)
         if decision is not None:
             self.roles = split_roles(len(self.engines), min(decision.light_gpus, len(self.engines)),
@@ -101,7 +101,7 @@ class EngineGroup:
         """Queue the request on the best device that admits it; raises the last refusal if none does."""
         with self._lock:
             now = self.clock()
-            self._split(now, state.received)
+            self._split(now, state.arrived(now))
             order = candidates(self.views(state, now), self.placement, self._role(state))
             arrived = copy.copy(state)
             arrived.params = copy.copy(state.params)

@@ -71,6 +71,11 @@ class RequestState:
     adapter_wait_s: float | None = None  # LoRA: time it waited for its adapters to load
     adapter_pinned: bool = False  # LoRA: its adapters are pinned in the cache (released when it leaves)
 
+    def arrived(self, now: float) -> float:
+        """When its SLO started counting, on the engine's clock at `now`: when its front received it (never
+        after `now`), else `now`."""
+        return now if self.received is None else min(self.received, now)
+
     @property
     def deadline(self) -> float | None:
         slo = self.params.slo_ms

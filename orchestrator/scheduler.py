@@ -150,14 +150,15 @@ class StepScheduler:
     # ---- intake ----------------------------------------------------------------------------
     def add(self, state: RequestState, now: float) -> None:
         """Queue a request or raise a ServingError at once (closed, queue full, SLO infeasible)."""
+        arrival = state.arrived(now)
         if self.controller is not None:  # demand counts every arrival, served or not, when its front received it
-            self.controller.observe_arrival(now if state.received is None else min(state.received, now))
+            self.controller.observe_arrival(arrival)
         if self.closed is not None:
             raise self.closed
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"queue is full ({self.max_queue} waiting); retry later")
         self._seq += 1
-        state.arrival = now if state.received is None else min(state.received, now)
+        state.arrival = arrival
         state.seq = self._seq
         if state.cascade and (not self.cascade_routing or self.cascade is None):
             state.cascade = False
